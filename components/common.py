@@ -1,0 +1,18 @@
+"""What every KFP component of shopml shares: the image and the decorator settings."""
+
+from collections.abc import Callable
+from typing import Any
+
+from kfp import dsl
+
+from shopml.config import component_image
+
+
+def stage_component(func: Callable[..., Any]) -> Any:
+    """Declare ``func`` as a lightweight KFP component that runs in the shopml image.
+
+    The image already holds shopml and kfp, so nothing is pip-installed at run time.
+    Component bodies must import what they use inside the function: KFP ships only the
+    function's source to the container.
+    """
+    return dsl.component(base_image=component_image(), install_kfp_package=False)(func)
