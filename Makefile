@@ -1,0 +1,62 @@
+# shopml: the two commands a new user types are `make run` and `make test`.
+# Everything else is set up on demand (a virtual environment in .venv, pinned by
+# constraints.txt) and is safe to run again.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SHOPML_HOME ?= $(CURDIR)/.shopml
+export SHOPML_HOME
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-unit test-integration lint format typecheck compile serve services clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -e ".[dev]" -c constraints.txt
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install shopml with pinned dependencies
+
+run: install ## Run the whole lifecycle on MovieLens-100K and show the results
+	$(BIN)/shopml run
+
+services: ## Install the services the tests start on 127.0.0.1 (redis-server)
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "redis-server is needed by the tests: install it (e.g. apt-get install redis-server)"; exit 1; fi; }
+
+test: install services lint typecheck ## Lint, type-check and run every test
+	$(BIN)/pytest
+
+test-unit: install ## Only the fast unit tests
+	$(BIN)/pytest tests/unit
+
+test-integration: install services ## Only the integration tests (real services on 127.0.0.1)
+	$(BIN)/pytest -m integration
+
+lint: install ## ruff format check and lint
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: install ## Reformat and fix what ruff can
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: install ## mypy over the packages
+	$(BIN)/mypy
+
+compile: install ## Write the pipeline YAML for the Kubeflow UI to build/
+	$(BIN)/shopml pipeline compile -o build/lifecycle.yaml
+
+serve: install ## Serve the latest trained model on 127.0.0.1:8080
+	$(BIN)/shopml serve
+
+clean: ## Remove local state (.shopml) and build outputs; keeps .venv
+	rm -rf .shopml build local_outputs .pytest_cache .mypy_cache .ruff_cache

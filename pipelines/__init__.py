@@ -1,0 +1,1 @@
+"""Pipeline definitions: wiring and parameters only; the work lives in ``components/``."""

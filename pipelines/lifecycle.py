@@ -1,0 +1,115 @@
+"""The shopml lifecycle pipeline: collect, clean, store, features, train, evaluate, deploy,
+monitor.
+
+One definition serves both ways to run it: ``shopml run`` executes it through
+``kfp.local`` on one machine, and ``shopml pipeline compile -o lifecycle.yaml`` writes the
+YAML a platform team uploads to the Kubeflow Pipelines UI.
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl
+
+from components.clean import clean
+from components.deploy import deploy
+from components.evaluate import evaluate
+from components.features import features
+from components.ingest import ingest
+from components.monitor import monitor
+from components.store import store
+from components.train import train
+
+PIPELINE_NAME = "shopml-lifecycle"
+
+LifecycleOutputs = NamedTuple("LifecycleOutputs", [("endpoint", str), ("evaluation", str)])
+
+
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description=(
+        "Collect e-commerce events, clean and version them, build Feast features, train "
+        "the SASRec recommender, gate it against a popularity baseline, deploy it behind "
+        "KServe and probe the endpoint."
+    ),
+)
+def lifecycle_pipeline(
+    source: str = "movielens-100k",
+    events_uri: str = "",
+    catalog_uri: str = "",
+    users_uri: str = "",
+    epochs: int = 200,
+    max_seq_len: int = 50,
+    hidden_size: int = 64,
+    n_layers: int = 2,
+    n_heads: int = 2,
+    loss: str = "ce",
+    device: str = "auto",
+    seed: int = 42,
+    min_lift: float = 0.0,
+    deploy_target: str = "local",
+    monitor_users: int = 20,
+) -> LifecycleOutputs:
+    """Run the whole data-asset lifecycle once.
+
+    Args:
+        source: ``movielens-100k`` to fetch the public dataset, or ``files`` to ingest the
+            canonical files named by the three URIs below.
+        events_uri: events file (CSV, JSONL or Parquet) when ``source`` is ``files``.
+        catalog_uri: catalog file when ``source`` is ``files``.
+        users_uri: optional users file when ``source`` is ``files``.
+        epochs: upper bound on training epochs (early stopping usually ends sooner).
+        max_seq_len: number of most recent items the recommender reads per user.
+        hidden_size: width of the Transformer.
+        n_layers: number of Transformer blocks.
+        n_heads: attention heads per block.
+        loss: training loss: ``ce`` (full softmax), ``sampled`` or ``bce``.
+        device: ``auto`` (CUDA when present), ``cuda`` or ``cpu``.
+        seed: random seed for training.
+        min_lift: relative NDCG@10 lift over popularity the model needs to pass the gate.
+        deploy_target: ``local`` (a KServe ModelServer on this machine) or ``kserve``.
+        monitor_users: how many users the monitor stage sends to the endpoint.
+
+    Returns:
+        The endpoint URL and the evaluation table as JSON.
+    """
+    ingest_task = ingest(
+        source=source, events_uri=events_uri, catalog_uri=catalog_uri, users_uri=users_uri
+    )
+    clean_task = clean(raw=ingest_task.outputs["raw"])
+    store_task = store(
+        curated=clean_task.outputs["curated"], quarantine=clean_task.outputs["quarantine"]
+    )
+    curated = store_task.outputs["stored"]
+
+    features_task = features(curated=curated, max_seq_len=max_seq_len)
+    train_task = train(
+        curated=curated,
+        epochs=epochs,
+        max_seq_len=max_seq_len,
+        hidden_size=hidden_size,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        loss=loss,
+        device=device,
+        seed=seed,
+    )
+    evaluate_task = evaluate(
+        curated=curated, model=train_task.outputs["model"], min_lift=min_lift
+    )
+
+    # Serving side effects must never come from a cache.
+    deploy_task = deploy(
+        model=train_task.outputs["model"],
+        features=features_task.outputs["features"],
+        target=deploy_target,
+    ).after(evaluate_task)
+    deploy_task.set_caching_options(False)
+    monitor_task = monitor(
+        endpoint=deploy_task.output,
+        raw=ingest_task.outputs["raw"],
+        curated=curated,
+        n_users=monitor_users,
+    )
+    monitor_task.set_caching_options(False)
+
+    return LifecycleOutputs(endpoint=deploy_task.output, evaluation=evaluate_task.output)

@@ -1,0 +1,161 @@
+"""The ``shopml`` command line.
+
+    shopml run                         # the whole lifecycle on MovieLens-100K, locally
+    shopml run --events E --catalog C  # the same on your own canonical files
+    shopml data fetch movielens-100k   # only download and map the dataset
+    shopml serve                       # serve the latest model on 127.0.0.1:8080
+    shopml pipeline compile -o F.yaml  # the pipeline YAML for the Kubeflow UI
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from shopml.config import Settings, load_settings
+from shopml.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+
+app = typer.Typer(help="shopml: MLOps for e-commerce search and recommendation.", no_args_is_help=True)
+data_app = typer.Typer(help="Public datasets.", no_args_is_help=True)
+pipeline_app = typer.Typer(help="The Kubeflow pipeline definition.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(pipeline_app, name="pipeline")
+
+DATASETS = ("movielens-100k",)
+
+
+@app.callback()
+def _main(
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    configure_logging(log_level.upper())
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: Annotated[str, typer.Argument(help="Dataset name: movielens-100k.")],
+    dest: Annotated[Path | None, typer.Option(help="Folder for the canonical tables.")] = None,
+) -> None:
+    """Download a public dataset and map it into canonical events/catalog/users tables."""
+    from shopml.datasets import fetch_movielens_100k
+
+    if name not in DATASETS:
+        raise typer.BadParameter(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+    settings = load_settings()
+    folder = dest or settings.home / "datasets" / name
+    files = fetch_movielens_100k(folder)
+    typer.echo(f"{name}: canonical tables in {folder}")
+    for path in (files.events, files.catalog, files.users):
+        typer.echo(f"  {path}")
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    output: Annotated[Path, typer.Option("-o", "--output", help="YAML file to write.")],
+) -> None:
+    """Write the lifecycle pipeline as YAML for upload to the Kubeflow Pipelines UI."""
+    from kfp import compiler
+
+    from pipelines.lifecycle import lifecycle_pipeline
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(lifecycle_pipeline, str(output))
+    typer.echo(f"wrote {output}")
+
+
+@app.command("run")
+def run(
+    events: Annotated[Path | None, typer.Option(help="Canonical events file.")] = None,
+    catalog: Annotated[Path | None, typer.Option(help="Canonical catalog file.")] = None,
+    users: Annotated[Path | None, typer.Option(help="Canonical users file (optional).")] = None,
+    epochs: Annotated[int, typer.Option(help="Upper bound on training epochs.")] = 200,
+    min_lift: Annotated[float, typer.Option(help="NDCG@10 lift over popularity to pass.")] = 0.0,
+    demo_users: Annotated[int, typer.Option(help="Users to show recommendations for.")] = 3,
+    keep_serving: Annotated[bool, typer.Option(help="Leave the model server running.")] = False,
+) -> None:
+    """Run the whole lifecycle locally through kfp.local and show the results."""
+    from components.deploy import stop_local
+    from shopml.runner import run_local_pipeline
+
+    if (events is None) != (catalog is None):
+        raise typer.BadParameter("--events and --catalog go together; give both or neither")
+    if users is not None and events is None:
+        raise typer.BadParameter("--users needs --events and --catalog")
+    arguments: dict[str, Any] = {"epochs": epochs, "min_lift": min_lift}
+    if events is not None and catalog is not None:
+        arguments |= _file_arguments(events, catalog, users)
+
+    settings = load_settings()
+    result = run_local_pipeline(settings, arguments)
+    try:
+        _show_results(settings, result, demo_users)
+    finally:
+        if not keep_serving:
+            stop_local(_server_pid(settings))
+
+
+def _file_arguments(events: Path, catalog: Path, users: Path | None) -> dict[str, Any]:
+    for flag, path in (("--events", events), ("--catalog", catalog), ("--users", users)):
+        if path is not None and not path.is_file():
+            raise typer.BadParameter(f"{flag} {path}: no such file")
+    return {
+        "source": "files",
+        "events_uri": str(events.resolve()),
+        "catalog_uri": str(catalog.resolve()),
+        "users_uri": str(users.resolve()) if users else "",
+    }
+
+
+def _server_pid(settings: Settings) -> int:
+    info = json.loads((settings.home / "runs" / "server.json").read_text())
+    return int(info["pid"])
+
+
+def _show_results(settings: Settings, result: Any, demo_users: int) -> None:
+    from shopml.console import print_evaluation, print_recommendations, sample_raw_users
+
+    typer.echo("")
+    print_evaluation(result.evaluation)
+    users = sample_raw_users(result.output("ingest", "raw"), demo_users)
+    print_recommendations(result.endpoint, users)
+    typer.echo("")
+    typer.echo(f"Evaluation report : {result.output('evaluate', 'report')}")
+    typer.echo(f"Data quality      : {result.output('clean', 'report')}")
+    typer.echo(f"Monitor report    : {result.output('monitor', 'report')}")
+    typer.echo(f"Model             : {result.output('train', 'model')}")
+    typer.echo(f"Assets            : {settings.s3.bucket if settings.s3 else settings.store_root}")
+    typer.echo(f"Full log          : {result.log_path}")
+    typer.echo(f"Pipeline time     : {result.seconds:.0f} s")
+    typer.echo("Serve again       : shopml serve   (then see README for curl examples)")
+
+
+@app.command("serve")
+def serve(
+    model_dir: Annotated[Path | None, typer.Option(help="Model folder; default: latest.")] = None,
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    name: Annotated[str, typer.Option(help="Model name in the URL.")] = "recommender",
+) -> None:
+    """Serve a trained model with KServe's ModelServer (v1 and v2 protocols)."""
+    from shopml.console import latest_model_dir
+
+    settings = load_settings()
+    folder = model_dir or latest_model_dir(settings)
+    command = [
+        sys.executable, "-m", "serving", "--model-dir", str(folder),
+        "--model-name", name, "--http-port", str(port), "--host", host,
+    ]  # fmt: skip
+    typer.echo(f"serving {folder} as {name!r} on http://{host}:{port}")
+    os.execv(sys.executable, command)
+
+
+if __name__ == "__main__":
+    app()
