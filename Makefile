@@ -8,9 +8,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SHOPML_HOME ?= $(CURDIR)/.shopml
 export SHOPML_HOME
+CONTAINER_TOOL ?= docker
+IMAGE_REGISTRY ?= ghcr.io/shopml
+IMAGE_TAG ?= 0.1.0
+TORCH_VARIANT ?= cpu
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-unit test-integration lint format typecheck compile serve services clean
+.PHONY: help install run test test-unit test-integration lint format typecheck compile serve services images clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -57,6 +61,10 @@ compile: install ## Write the pipeline YAML for the Kubeflow UI to build/
 
 serve: install ## Serve the latest trained model on 127.0.0.1:8080
 	$(BIN)/shopml serve
+
+images: ## Build the component and serving images (needs a container engine)
+	$(CONTAINER_TOOL) build -f images/Dockerfile.components --build-arg TORCH_VARIANT=$(TORCH_VARIANT) -t $(IMAGE_REGISTRY)/shopml:$(IMAGE_TAG) .
+	$(CONTAINER_TOOL) build -f images/Dockerfile.serving -t $(IMAGE_REGISTRY)/shopml-serving:$(IMAGE_TAG) .
 
 clean: ## Remove local state (.shopml) and build outputs; keeps .venv
 	rm -rf .shopml build local_outputs .pytest_cache .mypy_cache .ruff_cache
