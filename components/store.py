@@ -1,0 +1,155 @@
+"""Store stage: publish curated tables and the quarantine as versioned assets.
+
+The core, :func:`store_tables`, puts curated ``events``, ``catalog`` and ``users`` in
+zone ``curated`` and the quarantine tables (raw ids, restricted) in zone ``raw`` as
+``quarantine_<table>``, with column classes from :mod:`shopml.schemas` and owner
+``shopml-data``. Versions are content hashes, so storing the same tables again writes
+nothing new. The KFP component :func:`store` hands the curated tables on to later
+stages with ``versions.json`` naming what was stored.
+"""
+
+import logging
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from kfp import dsl
+
+from components.common import stage_component
+from shopml.assets import AssetStore, AssetVersion
+from shopml.schemas import classify_columns
+
+logger = logging.getLogger(__name__)
+
+OWNER = "shopml-data"
+TABLES: tuple[str, ...] = ("events", "catalog", "users")
+QUARANTINE_PREFIX = "quarantine_"
+
+
+def store_tables(
+    curated_dir: Path,
+    quarantine_dir: Path,
+    assets: AssetStore,
+    *,
+    producer: str,
+    inputs: list[str],
+) -> dict[str, AssetVersion]:
+    """Store every curated and quarantine table present as an asset version.
+
+    Args:
+        curated_dir: ``events.parquet``, ``catalog.parquet`` and optionally
+            ``users.parquet`` from the clean stage.
+        quarantine_dir: the matching quarantine tables.
+        assets: the asset store.
+        producer: the stage or run that writes, recorded in each manifest.
+        inputs: lineage of the sources (``["name@version", ...]``).
+
+    Returns:
+        Asset name -> version: ``events``, ``catalog``, ``users`` and
+        ``quarantine_<table>`` for the tables present.
+
+    Raises:
+        FileNotFoundError: curated events or catalog are missing.
+    """
+    stored: dict[str, AssetVersion] = {}
+    for kind in TABLES:
+        path = curated_dir / f"{kind}.parquet"
+        if not path.is_file():
+            if kind == "users":
+                continue
+            raise FileNotFoundError(
+                f"curated table {kind} is missing: {path} does not exist"
+            )
+
+        # Quarantine first, so a curated version's lineage can name it.
+        quarantine_name = QUARANTINE_PREFIX + kind
+        quarantine_path = quarantine_dir / f"{kind}.parquet"
+        if quarantine_path.is_file():
+            table = pq.read_table(quarantine_path)
+            stored[quarantine_name] = assets.put_table(
+                quarantine_name,
+                "raw",
+                table,
+                owner=OWNER,
+                classification=quarantine_classes(kind, table.column_names),
+                producer=producer,
+                inputs=list(inputs),
+                quality={"rows": table.num_rows},
+            )
+
+        table = pq.read_table(path)
+        stored[kind] = assets.put_table(
+            kind,
+            "curated",
+            table,
+            owner=OWNER,
+            classification=classify_columns(kind, table.column_names, curated=True),
+            producer=producer,
+            inputs=list(inputs),
+            quality=_quality(table.num_rows, stored.get(quarantine_name)),
+        )
+    logger.info("stored %s", ", ".join(v.ref for v in stored.values()))
+    return stored
+
+
+def quarantine_classes(kind: str, names: list[str]) -> dict[str, str]:
+    """Data classes of a quarantine table: raw columns as in the raw zone.
+
+    ``raw_record`` holds whole unparsed records, possibly with raw ids, so it is
+    ``pii``; the bookkeeping columns are ``internal``.
+    """
+    classes = classify_columns(kind, names)
+    for name in names:
+        if name == "raw_record":
+            classes[name] = "pii"
+        elif name in _QUARANTINE_BOOKKEEPING:
+            classes[name] = "internal"
+    return classes
+
+
+_QUARANTINE_BOOKKEEPING = frozenset({"reason", "source_file", "source_row"})
+
+
+def _quality(rows_kept: int, quarantine: AssetVersion | None) -> dict[str, object]:
+    quality: dict[str, object] = {"rows_kept": rows_kept}
+    if quarantine is not None:
+        quality["rows_quarantined"] = quarantine.rows
+        quality["quarantine"] = quarantine.ref
+    return quality
+
+
+@stage_component
+def store(
+    curated: dsl.Input[dsl.Dataset],
+    quarantine: dsl.Input[dsl.Dataset],
+    stored: dsl.Output[dsl.Dataset],
+) -> None:
+    """Version curated tables and the quarantine in the asset store; pass tables on."""
+    import json
+    import os
+    import shutil
+    from pathlib import Path
+
+    from components.store import TABLES, store_tables
+    from shopml.assets import AssetStore
+    from shopml.config import load_settings
+    from shopml.logs import configure_logging
+    from shopml.storage import open_store
+
+    configure_logging()
+    assets = AssetStore(open_store(load_settings()))
+    versions = store_tables(
+        Path(curated.path),
+        Path(quarantine.path),
+        assets,
+        producer="kfp:store",
+        inputs=list(curated.metadata.get("inputs", [])),
+    )
+
+    os.makedirs(stored.path, exist_ok=True)
+    for kind in TABLES:
+        source = Path(curated.path) / f"{kind}.parquet"
+        if source.is_file():
+            shutil.copyfile(source, Path(stored.path) / f"{kind}.parquet")
+    refs = {name: version.ref for name, version in versions.items()}
+    (Path(stored.path) / "versions.json").write_text(json.dumps(refs, indent=2))
+    stored.metadata.update(refs)

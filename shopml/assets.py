@@ -1,0 +1,466 @@
+"""Versioned data and model assets on top of an object store.
+
+An asset version is immutable and content-addressed: its version is the first 16 hex
+characters of the sha256 of its content (the canonical Parquet bytes of a table, or the
+sorted file names and contents of a folder). Layout in the store::
+
+    <zone>/<name>/<version>/data.parquet        (a table), or the folder's files
+    <zone>/<name>/<version>/_manifest.json      written last: the version exists once
+                                                 its manifest does
+
+Zones are ``raw`` (restricted: raw ids, quarantine), ``curated``, ``features`` and
+``models``. Writing the same content twice writes nothing the second time and returns
+the first version, so re-running a stage on the same input yields the same version.
+Parquet bytes are stable for a given pyarrow release (pinned in ``constraints.txt``):
+the file records the writer version in ``created_by``, which no option overrides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shopml.schemas import CLASSES
+from shopml.storage import ObjectStore
+
+logger = logging.getLogger(__name__)
+
+ZONES: tuple[str, ...] = ("raw", "curated", "features", "models")
+MANIFEST = "_manifest.json"
+TABLE_FILE = "data.parquet"
+_NAME_PATTERN = re.compile(r"[a-z0-9_-]+")
+_VERSION_CHARS = 16
+
+
+@dataclass(frozen=True)
+class AssetVersion:
+    """One immutable version of an asset, as recorded in its manifest.
+
+    Attributes:
+        name: asset name, ``[a-z0-9_-]+``.
+        zone: ``raw``, ``curated``, ``features`` or ``models``.
+        version: 16 hex characters of the content hash.
+        created_at: ISO-8601 UTC time the version was first written.
+        rows: row count of a table; None for a folder.
+        bytes: total size of the stored files.
+        schema: ``[{"name", "type", "class"}, ...]`` per column (empty for a folder).
+        owner: team or person answerable for the asset.
+        producer: the stage or command that wrote it.
+        inputs: lineage, ``["name@version", ...]``.
+        quality: checks and counts from the producer, if any.
+        files: ``[{"name", "sha256", "bytes"}, ...]`` relative to the version folder.
+    """
+
+    name: str
+    zone: str
+    version: str
+    created_at: str
+    rows: int | None
+    bytes: int
+    schema: list[dict[str, str]]
+    owner: str
+    producer: str
+    inputs: list[str]
+    quality: dict[str, Any] | None = None
+    files: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ref(self) -> str:
+        """``name@version``, the form lineage records use."""
+        return f"{self.name}@{self.version}"
+
+    @property
+    def prefix(self) -> str:
+        """Key prefix of the version's files, ending in ``/``."""
+        return f"{self.zone}/{self.name}/{self.version}/"
+
+    def to_json(self) -> str:
+        """The manifest text."""
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> AssetVersion:
+        """Read a manifest."""
+        return cls(**json.loads(text))
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """Serialize a table to Parquet deterministically: same table, same bytes.
+
+    Schema metadata (e.g. the pandas block that records its version) is removed, chunks
+    are combined, and compression, row-group size, format and page versions are fixed.
+
+    Args:
+        table: the table.
+
+    Returns:
+        The Parquet file content.
+    """
+    table = table.replace_schema_metadata(None).combine_chunks()
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table,
+        sink,
+        row_group_size=1_000_000,
+        version="2.6",
+        compression="zstd",
+        compression_level=3,
+        use_dictionary=True,
+        write_statistics=True,
+        data_page_version="1.0",
+        store_schema=True,
+    )
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def check_name(name: str) -> str:
+    """Validate an asset name (``[a-z0-9_-]+``) and return it.
+
+    Raises:
+        ValueError: the name has other characters or is empty.
+    """
+    if not _NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"asset name {name!r} is invalid; use lowercase letters, digits, _ and -"
+        )
+    return name
+
+
+def _check_zone(zone: str) -> str:
+    if zone not in ZONES:
+        raise ValueError(f"asset zone {zone!r} is unknown; use one of {list(ZONES)}")
+    return zone
+
+
+def _file_entry(name: str, data: bytes) -> dict[str, Any]:
+    return {
+        "name": name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+    }
+
+
+class AssetStore:
+    """Versioned assets in an :class:`~shopml.storage.ObjectStore`.
+
+    Args:
+        store: where the bytes live.
+    """
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    def put_table(
+        self,
+        name: str,
+        zone: str,
+        table: pa.Table,
+        *,
+        owner: str,
+        classification: dict[str, str],
+        producer: str,
+        inputs: list[str],
+        quality: dict[str, Any] | None = None,
+    ) -> AssetVersion:
+        """Store a table as a new version, or return the stored one with equal content.
+
+        Args:
+            name: asset name, ``[a-z0-9_-]+``, unique across zones.
+            zone: ``raw``, ``curated``, ``features`` or ``models``.
+            table: the content.
+            owner: team or person answerable for it.
+            classification: data class of every column (``public``, ``internal``,
+                ``pii``, ``sensitive``).
+            producer: the stage or command writing it.
+            inputs: lineage, ``["name@version", ...]``.
+            quality: checks and counts to record.
+
+        Returns:
+            The version, new or existing.
+
+        Raises:
+            ValueError: bad name or zone, a column without a valid class, or the name is
+                taken in another zone.
+        """
+        self._check_target(name, zone)
+        schema = _describe_schema(table.schema, classification)
+        data = parquet_bytes(table)
+        version = hashlib.sha256(data).hexdigest()[:_VERSION_CHARS]
+        existing = self._existing(zone, name, version)
+        if existing is not None:
+            return existing
+
+        prefix = f"{zone}/{name}/{version}/"
+        self.store.put_bytes(prefix + TABLE_FILE, data)
+        return self._commit(
+            AssetVersion(
+                name=name,
+                zone=zone,
+                version=version,
+                created_at=datetime.now(UTC).isoformat(),
+                rows=table.num_rows,
+                bytes=len(data),
+                schema=schema,
+                owner=owner,
+                producer=producer,
+                inputs=list(inputs),
+                quality=quality,
+                files=[_file_entry(TABLE_FILE, data)],
+            )
+        )
+
+    def put_dir(
+        self,
+        name: str,
+        zone: str,
+        folder: Path,
+        *,
+        owner: str,
+        classification: dict[str, str] | None = None,
+        producer: str,
+        inputs: list[str],
+        quality: dict[str, Any] | None = None,
+    ) -> AssetVersion:
+        """Store every file under ``folder`` as one version (a model, a feature export).
+
+        The version hashes the sorted relative file names with their contents.
+
+        Args:
+            name: asset name, ``[a-z0-9_-]+``, unique across zones.
+            zone: ``raw``, ``curated``, ``features`` or ``models``.
+            folder: the files; subfolders keep their relative paths.
+            owner: team or person answerable for it.
+            classification: optional class per file or column, recorded as the schema.
+            producer: the stage or command writing it.
+            inputs: lineage, ``["name@version", ...]``.
+            quality: checks and metrics to record.
+
+        Returns:
+            The version, new or existing.
+
+        Raises:
+            ValueError: bad name or zone, an empty folder, the name taken in another
+                zone, or a file named like the manifest.
+        """
+        self._check_target(name, zone)
+        files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+        if not files:
+            raise ValueError(
+                f"folder {str(folder)!r} for asset {name!r} holds no files"
+            )
+        relative = [p.relative_to(folder).as_posix() for p in files]
+        if MANIFEST in relative:
+            raise ValueError(f"folder {str(folder)!r} holds a file named {MANIFEST!r}")
+
+        digest = hashlib.sha256()
+        entries = []
+        for rel, path in zip(relative, files, strict=True):
+            data = path.read_bytes()
+            entries.append(_file_entry(rel, data))
+            digest.update(f"{rel}\0{len(data)}\0".encode())
+            digest.update(data)
+        version = digest.hexdigest()[:_VERSION_CHARS]
+        existing = self._existing(zone, name, version)
+        if existing is not None:
+            return existing
+
+        prefix = f"{zone}/{name}/{version}/"
+        for rel, path in zip(relative, files, strict=True):
+            self.store.put_file(prefix + rel, path)
+        return self._commit(
+            AssetVersion(
+                name=name,
+                zone=zone,
+                version=version,
+                created_at=datetime.now(UTC).isoformat(),
+                rows=None,
+                bytes=sum(int(e["bytes"]) for e in entries),
+                schema=[
+                    {"name": k, "type": "file", "class": v}
+                    for k, v in sorted((classification or {}).items())
+                ],
+                owner=owner,
+                producer=producer,
+                inputs=list(inputs),
+                quality=quality,
+                files=entries,
+            )
+        )
+
+    def get(self, name: str, version: str | None = None) -> AssetVersion:
+        """Look up one version of an asset.
+
+        Args:
+            name: asset name.
+            version: the version; None picks the latest by creation time.
+
+        Returns:
+            The version's manifest.
+
+        Raises:
+            KeyError: no such asset or version (a version without a manifest does
+                not exist).
+        """
+        versions = self.versions(name)
+        if not versions:
+            raise KeyError(f"asset {name!r} has no versions in the store")
+        if version is None:
+            return versions[-1]
+        for candidate in versions:
+            if candidate.version == version:
+                return candidate
+        known = ", ".join(v.version for v in versions)
+        raise KeyError(f"asset {name!r} has no version {version!r}; it has {known}")
+
+    def versions(self, name: str) -> list[AssetVersion]:
+        """Every committed version of ``name``, oldest first."""
+        check_name(name)
+        found = [
+            self._read_manifest(key)
+            for zone in ZONES
+            for key in self.store.list(f"{zone}/{name}/")
+            if _is_manifest_of(key, zone, name)
+        ]
+        return sorted(found, key=lambda v: (v.created_at, v.version))
+
+    def list(self) -> list[AssetVersion]:
+        """Every committed version of every asset, by name then creation time."""
+        found = [
+            self._read_manifest(key)
+            for zone in ZONES
+            for key in self.store.list(f"{zone}/")
+            if key.endswith("/" + MANIFEST) and key.count("/") == 3
+        ]
+        return sorted(found, key=lambda v: (v.name, v.created_at, v.version))
+
+    def read_table(self, name: str, version: str | None = None) -> pa.Table:
+        """Read a table asset, checking its bytes against the manifest.
+
+        Args:
+            name: asset name.
+            version: the version; None for the latest.
+
+        Returns:
+            The table.
+
+        Raises:
+            KeyError: no such asset or version.
+            ValueError: the asset is not a table, or its data does not match its
+                manifest.
+        """
+        asset = self.get(name, version)
+        entry = next((f for f in asset.files if f["name"] == TABLE_FILE), None)
+        if entry is None:
+            raise ValueError(
+                f"asset {asset.ref} is a folder, not a table; use fetch_dir"
+            )
+        data = self.store.get_bytes(asset.prefix + TABLE_FILE)
+        _verify(asset, entry, data)
+        return pq.read_table(pa.BufferReader(data))
+
+    def fetch_dir(self, name: str, version: str | None, dest: Path) -> AssetVersion:
+        """Download every file of a version into ``dest``, each checked by its sha256.
+
+        Args:
+            name: asset name.
+            version: the version; None for the latest.
+            dest: folder to fill (created).
+
+        Returns:
+            The version fetched.
+
+        Raises:
+            KeyError: no such asset or version.
+            ValueError: a file does not match the manifest.
+        """
+        asset = self.get(name, version)
+        dest.mkdir(parents=True, exist_ok=True)
+        for entry in asset.files:
+            data = self.store.get_bytes(asset.prefix + entry["name"])
+            _verify(asset, entry, data)
+            target = dest / entry["name"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        logger.info(
+            "fetched asset=%s files=%d into %s", asset.ref, len(asset.files), dest
+        )
+        return asset
+
+    def _check_target(self, name: str, zone: str) -> None:
+        check_name(name)
+        _check_zone(zone)
+        for other in ZONES:
+            if other != zone and any(
+                _is_manifest_of(key, other, name)
+                for key in self.store.list(f"{other}/{name}/")
+            ):
+                raise ValueError(
+                    f"asset {name!r} already lives in zone {other!r}, not {zone!r}"
+                )
+
+    def _existing(self, zone: str, name: str, version: str) -> AssetVersion | None:
+        key = f"{zone}/{name}/{version}/{MANIFEST}"
+        if not self.store.exists(key):
+            return None
+        logger.info("asset=%s@%s unchanged; nothing written", name, version)
+        return self._read_manifest(key)
+
+    def _commit(self, asset: AssetVersion) -> AssetVersion:
+        self.store.put_bytes(asset.prefix + MANIFEST, asset.to_json().encode("utf-8"))
+        logger.info(
+            "stored asset=%s zone=%s rows=%s bytes=%d at %s",
+            asset.ref,
+            asset.zone,
+            asset.rows,
+            asset.bytes,
+            self.store.uri(asset.prefix + MANIFEST),
+        )
+        return asset
+
+    def _read_manifest(self, key: str) -> AssetVersion:
+        return AssetVersion.from_json(self.store.get_bytes(key).decode("utf-8"))
+
+
+def _is_manifest_of(key: str, zone: str, name: str) -> bool:
+    parts = key.split("/")
+    return (
+        len(parts) == 4
+        and parts[0] == zone
+        and parts[1] == name
+        and parts[3] == MANIFEST
+    )
+
+
+def _describe_schema(
+    schema: pa.Schema, classification: dict[str, str]
+) -> list[dict[str, str]]:
+    missing = [n for n in schema.names if n not in classification]
+    if missing:
+        raise ValueError(f"columns {missing} have no data class; classify every column")
+    unknown = {n: c for n, c in classification.items() if c not in CLASSES}
+    if unknown:
+        raise ValueError(
+            f"data classes {unknown} are unknown; use one of {list(CLASSES)}"
+        )
+    return [
+        {"name": f.name, "type": str(f.type), "class": classification[f.name]}
+        for f in schema
+    ]
+
+
+def _verify(asset: AssetVersion, entry: dict[str, Any], data: bytes) -> None:
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry["sha256"]:
+        raise ValueError(
+            f"file {entry['name']!r} of asset {asset.ref} has sha256 {digest}, "
+            f"manifest says {entry['sha256']}; the store was modified"
+        )
