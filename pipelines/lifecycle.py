@@ -21,7 +21,11 @@ from components.train import train
 
 PIPELINE_NAME = "shopml-lifecycle"
 
-LifecycleOutputs = NamedTuple("LifecycleOutputs", [("endpoint", str), ("evaluation", str)])
+class LifecycleOutputs(NamedTuple):
+    """What a run returns: where the model is served and how it scored."""
+
+    endpoint: str
+    evaluation: str
 
 
 @dsl.pipeline(
@@ -73,11 +77,15 @@ def lifecycle_pipeline(
         The endpoint URL and the evaluation table as JSON.
     """
     ingest_task = ingest(
-        source=source, events_uri=events_uri, catalog_uri=catalog_uri, users_uri=users_uri
+        source=source,
+        events_uri=events_uri,
+        catalog_uri=catalog_uri,
+        users_uri=users_uri,
     )
     clean_task = clean(raw=ingest_task.outputs["raw"])
     store_task = store(
-        curated=clean_task.outputs["curated"], quarantine=clean_task.outputs["quarantine"]
+        curated=clean_task.outputs["curated"],
+        quarantine=clean_task.outputs["quarantine"],
     )
     curated = store_task.outputs["stored"]
 
@@ -112,4 +120,6 @@ def lifecycle_pipeline(
     )
     monitor_task.set_caching_options(False)
 
-    return LifecycleOutputs(endpoint=deploy_task.output, evaluation=evaluate_task.output)
+    return LifecycleOutputs(
+        endpoint=deploy_task.output, evaluation=evaluate_task.output
+    )

@@ -1,10 +1,10 @@
 """The ``shopml`` command line.
 
-    shopml run                         # the whole lifecycle on MovieLens-100K, locally
-    shopml run --events E --catalog C  # the same on your own canonical files
-    shopml data fetch movielens-100k   # only download and map the dataset
-    shopml serve                       # serve the latest model on 127.0.0.1:8080
-    shopml pipeline compile -o F.yaml  # the pipeline YAML for the Kubeflow UI
+shopml run                         # the whole lifecycle on MovieLens-100K, locally
+shopml run --events E --catalog C  # the same on your own canonical files
+shopml data fetch movielens-100k   # only download and map the dataset
+shopml serve                       # serve the latest model on 127.0.0.1:8080
+shopml pipeline compile -o F.yaml  # the pipeline YAML for the Kubeflow UI
 """
 
 from __future__ import annotations
@@ -23,9 +23,13 @@ from shopml.logs import configure_logging
 
 logger = logging.getLogger(__name__)
 
-app = typer.Typer(help="shopml: MLOps for e-commerce search and recommendation.", no_args_is_help=True)
+app = typer.Typer(
+    help="shopml: MLOps for e-commerce search and recommendation.", no_args_is_help=True
+)
 data_app = typer.Typer(help="Public datasets.", no_args_is_help=True)
-pipeline_app = typer.Typer(help="The Kubeflow pipeline definition.", no_args_is_help=True)
+pipeline_app = typer.Typer(
+    help="The Kubeflow pipeline definition.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
 
@@ -34,7 +38,9 @@ DATASETS = ("movielens-100k",)
 
 @app.callback()
 def _main(
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+    log_level: Annotated[
+        str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")
+    ] = "INFO",
 ) -> None:
     configure_logging(log_level.upper())
 
@@ -42,13 +48,17 @@ def _main(
 @data_app.command("fetch")
 def data_fetch(
     name: Annotated[str, typer.Argument(help="Dataset name: movielens-100k.")],
-    dest: Annotated[Path | None, typer.Option(help="Folder for the canonical tables.")] = None,
+    dest: Annotated[
+        Path | None, typer.Option(help="Folder for the canonical tables.")
+    ] = None,
 ) -> None:
     """Download a public dataset and map it into canonical events/catalog/users tables."""
     from shopml.datasets import fetch_movielens_100k
 
     if name not in DATASETS:
-        raise typer.BadParameter(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+        raise typer.BadParameter(
+            f"unknown dataset {name!r}; available: {', '.join(DATASETS)}"
+        )
     settings = load_settings()
     folder = dest or settings.home / "datasets" / name
     files = fetch_movielens_100k(folder)
@@ -74,19 +84,31 @@ def pipeline_compile(
 @app.command("run")
 def run(
     events: Annotated[Path | None, typer.Option(help="Canonical events file.")] = None,
-    catalog: Annotated[Path | None, typer.Option(help="Canonical catalog file.")] = None,
-    users: Annotated[Path | None, typer.Option(help="Canonical users file (optional).")] = None,
+    catalog: Annotated[
+        Path | None, typer.Option(help="Canonical catalog file.")
+    ] = None,
+    users: Annotated[
+        Path | None, typer.Option(help="Canonical users file (optional).")
+    ] = None,
     epochs: Annotated[int, typer.Option(help="Upper bound on training epochs.")] = 200,
-    min_lift: Annotated[float, typer.Option(help="NDCG@10 lift over popularity to pass.")] = 0.0,
-    demo_users: Annotated[int, typer.Option(help="Users to show recommendations for.")] = 3,
-    keep_serving: Annotated[bool, typer.Option(help="Leave the model server running.")] = False,
+    min_lift: Annotated[
+        float, typer.Option(help="NDCG@10 lift over popularity to pass.")
+    ] = 0.0,
+    demo_users: Annotated[
+        int, typer.Option(help="Users to show recommendations for.")
+    ] = 3,
+    keep_serving: Annotated[
+        bool, typer.Option(help="Leave the model server running.")
+    ] = False,
 ) -> None:
     """Run the whole lifecycle locally through kfp.local and show the results."""
     from components.deploy import stop_local
     from shopml.runner import run_local_pipeline
 
     if (events is None) != (catalog is None):
-        raise typer.BadParameter("--events and --catalog go together; give both or neither")
+        raise typer.BadParameter(
+            "--events and --catalog go together; give both or neither"
+        )
     if users is not None and events is None:
         raise typer.BadParameter("--users needs --events and --catalog")
     arguments: dict[str, Any] = {"epochs": epochs, "min_lift": min_lift}
@@ -103,7 +125,11 @@ def run(
 
 
 def _file_arguments(events: Path, catalog: Path, users: Path | None) -> dict[str, Any]:
-    for flag, path in (("--events", events), ("--catalog", catalog), ("--users", users)):
+    for flag, path in (
+        ("--events", events),
+        ("--catalog", catalog),
+        ("--users", users),
+    ):
         if path is not None and not path.is_file():
             raise typer.BadParameter(f"{flag} {path}: no such file")
     return {
@@ -131,7 +157,9 @@ def _show_results(settings: Settings, result: Any, demo_users: int) -> None:
     typer.echo(f"Data quality      : {result.output('clean', 'report')}")
     typer.echo(f"Monitor report    : {result.output('monitor', 'report')}")
     typer.echo(f"Model             : {result.output('train', 'model')}")
-    typer.echo(f"Assets            : {settings.s3.bucket if settings.s3 else settings.store_root}")
+    typer.echo(
+        f"Assets            : {settings.s3.bucket if settings.s3 else settings.store_root}"
+    )
     typer.echo(f"Full log          : {result.log_path}")
     typer.echo(f"Pipeline time     : {result.seconds:.0f} s")
     typer.echo("Serve again       : shopml serve   (then see README for curl examples)")
@@ -139,7 +167,9 @@ def _show_results(settings: Settings, result: Any, demo_users: int) -> None:
 
 @app.command("serve")
 def serve(
-    model_dir: Annotated[Path | None, typer.Option(help="Model folder; default: latest.")] = None,
+    model_dir: Annotated[
+        Path | None, typer.Option(help="Model folder; default: latest.")
+    ] = None,
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     name: Annotated[str, typer.Option(help="Model name in the URL.")] = "recommender",

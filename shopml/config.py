@@ -84,7 +84,9 @@ def _flag(name: str, default: bool) -> bool:
         return True
     if value in {"0", "false", "no", "off"}:
         return False
-    raise ValueError(f"{name}={raw!r} is not a boolean; use one of 1/0, true/false, yes/no")
+    raise ValueError(
+        f"{name}={raw!r} is not a boolean; use one of 1/0, true/false, yes/no"
+    )
 
 
 def load_settings() -> Settings:
@@ -106,7 +108,9 @@ def load_settings() -> Settings:
                 f"SHOPML_S3_ENDPOINT={endpoint!r} must be host:port without a scheme; "
                 "set SHOPML_S3_SECURE=1 for TLS"
             )
-        access = os.environ.get("SHOPML_S3_ACCESS_KEY") or os.environ.get("AWS_ACCESS_KEY_ID")
+        access = os.environ.get("SHOPML_S3_ACCESS_KEY") or os.environ.get(
+            "AWS_ACCESS_KEY_ID"
+        )
         secret = os.environ.get("SHOPML_S3_SECRET_KEY") or os.environ.get(
             "AWS_SECRET_ACCESS_KEY"
         )

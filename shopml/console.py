@@ -21,7 +21,9 @@ def print_evaluation(evaluation: dict[str, Any]) -> None:
     """
     models: dict[str, dict[str, float]] = evaluation["models"]
     metrics = [m for m in next(iter(models.values())) if m.endswith("@10")]
-    typer.echo(f"Evaluation ({evaluation.get('protocol', 'leave-one-out, full ranking')})")
+    typer.echo(
+        f"Evaluation ({evaluation.get('protocol', 'leave-one-out, full ranking')})"
+    )
     header = f"  {'model':<12}" + "".join(f"{m:>10}" for m in metrics)
     typer.echo(header)
     for name, row in models.items():

@@ -25,7 +25,9 @@ from shopml.config import Settings
 logger = logging.getLogger(__name__)
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_TASK_LINE = re.compile(r"Task '([\w-]+)' (finished with status \w+|failed)|Executing task '([\w-]+)'")
+_TASK_LINE = re.compile(
+    r"Task '([\w-]+)' (finished with status \w+|failed)|Executing task '([\w-]+)'"
+)
 _STAGE_LOG = re.compile(r" (INFO|WARNING|ERROR) (shopml|components|serving)[\w.]*: ")
 
 
@@ -116,7 +118,9 @@ def run_local_pipeline(settings: Settings, arguments: dict[str, Any]) -> Pipelin
     # Components inherit the environment: no progress bars inside a pipeline run.
     os.environ["SHOPML_PROGRESS"] = "0"
     os.environ["SHOPML_HOME"] = str(settings.home)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root)
+    )
 
     started = time.monotonic()
     before = set(pipeline_root.glob(f"{PIPELINE_NAME}-*"))
@@ -127,7 +131,9 @@ def run_local_pipeline(settings: Settings, arguments: dict[str, Any]) -> Pipelin
                 task = lifecycle_pipeline(**arguments)
         except Exception as err:
             console.flush()
-            raise RuntimeError(f"the pipeline failed: {err}; full log: {log_path}") from err
+            raise RuntimeError(
+                f"the pipeline failed: {err}; full log: {log_path}"
+            ) from err
         console.flush()
 
     new_dirs = sorted(set(pipeline_root.glob(f"{PIPELINE_NAME}-*")) - before)

@@ -53,7 +53,9 @@ class Pseudonymizer:
             ValueError: the identifier is empty.
         """
         if not user_id:
-            raise ValueError("user_id is empty; a pseudonym needs a non-empty identifier")
+            raise ValueError(
+                "user_id is empty; a pseudonym needs a non-empty identifier"
+            )
         digest = hmac.new(self.key, user_id.encode("utf-8"), hashlib.sha256).hexdigest()
         return PSEUDONYM_PREFIX + digest[:_PSEUDONYM_HEX_CHARS]
 

@@ -9,7 +9,9 @@ import pytest
 
 pytest_plugins = ["tests.services"]
 
-SHARED_DATA = Path(os.environ.get("SHOPML_SHARED_DATA", Path(__file__).parents[2] / "shared" / "data"))
+SHARED_DATA = Path(
+    os.environ.get("SHOPML_SHARED_DATA", Path(__file__).parents[2] / "shared" / "data")
+)
 
 
 @pytest.fixture(autouse=True)
@@ -27,5 +29,7 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def shared_data() -> Path:
     """The real public datasets beside the checkout; skip with a reason when absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared datasets not found at {SHARED_DATA} (set SHOPML_SHARED_DATA)")
+        pytest.skip(
+            f"shared datasets not found at {SHARED_DATA} (set SHOPML_SHARED_DATA)"
+        )
     return SHARED_DATA

@@ -67,7 +67,17 @@ def start_redis(port: int | None = None) -> RedisServer:
         pytest.fail("redis-server is not installed: `apt-get install -y redis-server`")
     port = port or free_port()
     process = subprocess.Popen(
-        [binary, "--bind", LOOPBACK, "--port", str(port), "--save", "", "--appendonly", "no"],
+        [
+            binary,
+            "--bind",
+            LOOPBACK,
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -92,7 +102,7 @@ class S3Server:
     endpoint: str  # host:port, no scheme
     bucket: str
     access_key: str = "testing-access-key"
-    secret_key: str = "testing-secret-key"  # noqa: S105 - a throwaway local test credential
+    secret_key: str = "testing-secret-key"  # a throwaway local test credential
 
     @property
     def endpoint_url(self) -> str:
@@ -151,6 +161,10 @@ def shopml_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "shopml-home"
     monkeypatch.setenv("SHOPML_HOME", str(home))
     monkeypatch.setenv("SHOPML_PROGRESS", "0")
-    for name in ("SHOPML_S3_ENDPOINT", "SHOPML_REDIS_URL", "SHOPML_PSEUDONYMIZATION_KEY"):
+    for name in (
+        "SHOPML_S3_ENDPOINT",
+        "SHOPML_REDIS_URL",
+        "SHOPML_PSEUDONYMIZATION_KEY",
+    ):
         monkeypatch.delenv(name, raising=False)
     return home

@@ -21,7 +21,16 @@ from shopml.runner import run_local_pipeline
 
 pytestmark = pytest.mark.integration
 
-STAGES = ("ingest", "clean", "store", "features", "train", "evaluate", "deploy", "monitor")
+STAGES = (
+    "ingest",
+    "clean",
+    "store",
+    "features",
+    "train",
+    "evaluate",
+    "deploy",
+    "monitor",
+)
 
 
 def test_compiled_pipeline_loads_back_and_names_every_stage(tmp_path: Path) -> None:
@@ -38,7 +47,9 @@ def test_compiled_pipeline_loads_back_and_names_every_stage(tmp_path: Path) -> N
     assert set(spec.root.output_definitions.parameters) == {"endpoint", "evaluation"}
 
 
-def test_lifecycle_runs_every_stage_on_a_real_slice(shared_data: Path, tmp_path: Path) -> None:
+def test_lifecycle_runs_every_stage_on_a_real_slice(
+    shared_data: Path, tmp_path: Path
+) -> None:
     events, catalog = load_amazon_scientific(
         shared_data / "amazon-scientific-2018-5core", max_users=300
     )
@@ -64,7 +75,9 @@ def test_lifecycle_runs_every_stage_on_a_real_slice(shared_data: Path, tmp_path:
         curated = pq.read_table(run.output("store", "stored") / "events.parquet")
         assert 0 < curated.num_rows <= raw.num_rows
         assert all(u.startswith("u_") for u in curated.column("user_id").to_pylist())
-        versions = json.loads((run.output("store", "stored") / "versions.json").read_text())
+        versions = json.loads(
+            (run.output("store", "stored") / "versions.json").read_text()
+        )
         assert {"events", "catalog"} <= set(versions)
         assert any(run.output("features", "features").iterdir())
         assert (run.output("train", "model") / "manifest.json").is_file()

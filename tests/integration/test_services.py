@@ -18,7 +18,9 @@ def test_redis_server_answers(redis_server: RedisServer) -> None:
 
 
 def test_s3_server_round_trip(s3_server: S3Server) -> None:
-    client = Minio(s3_server.endpoint, s3_server.access_key, s3_server.secret_key, secure=False)
+    client = Minio(
+        s3_server.endpoint, s3_server.access_key, s3_server.secret_key, secure=False
+    )
     import io
 
     client.put_object(s3_server.bucket, "a/b.txt", io.BytesIO(b"hello"), 5)
