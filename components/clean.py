@@ -10,6 +10,11 @@ of two places:
   of :data:`REASONS`, the first check a row fails), and its origin
   (``source_file``, ``source_row``).
 
+User ids are normalized before anything else (emails case-folded, phones in E.164, see
+:mod:`shopml.pii`), so duplicates and pseudonyms see one id per person; search queries
+and extra event text columns are masked (emails, phones, cards, addresses) in curated
+output; :data:`COLUMN_TRANSFORMS` lists these for lineage.
+
 ``rows_in == rows_kept + rows_quarantined`` is checked per table before returning.
 The KFP component :func:`clean` wraps the core and adds metrics and an HTML report.
 """
@@ -28,6 +33,7 @@ import pyarrow.parquet as pq
 from kfp import dsl
 
 from components.common import stage_component
+from shopml.pii import mask_values, normalize_identifier
 from shopml.schemas import (
     EVENT_TYPES,
     SOURCE_FILE,
@@ -62,6 +68,16 @@ REASONS: dict[str, str] = {
     "unknown_item": "item_id is not in the curated catalog",
     "duplicate": "an identical row came earlier (the first one is kept)",
     "duplicate_id": "an earlier row has the same id with other values (it is kept)",
+}
+
+
+#: How curated columns derive from raw ones, recorded as lineage in the curated metadata.
+COLUMN_TRANSFORMS: dict[str, str] = {
+    "events.user_id": "pseudonymized",
+    "events.query": "masked",
+    "events.<extra columns>": "masked",
+    "users.user_id": "pseudonymized",
+    "users.<pii and sensitive columns>": "dropped",
 }
 
 
@@ -220,7 +236,32 @@ def _frame(raw: pa.Table) -> pd.DataFrame:
         if pa.types.is_string(column.type):
             column = _strip_blank(column)
         columns[name] = column
-    return pa.table(columns).to_pandas()
+    frame = pa.table(columns).to_pandas()
+    if "user_id" in frame.columns:
+        # One person, one id: "Jane@X.com " and "jane@x.com" are the same user.
+        ids = frame["user_id"].dropna().unique()
+        frame["user_id"] = frame["user_id"].map(
+            {u: normalize_identifier(u) for u in ids}
+        )
+    return frame
+
+
+def _mask_free_text(frame: pd.DataFrame) -> dict[str, int]:
+    """Mask personal data in ``query`` and extra event columns in place.
+
+    Returns:
+        ``masked_<column>`` -> number of values changed.
+    """
+    structured = set(schema_for("events").names) - {"query"}
+    repairs = {}
+    for name in [n for n in frame.columns if n not in structured]:
+        before = [v if isinstance(v, str) else None for v in frame[name]]
+        after = mask_values(before)
+        repairs[f"masked_{name}"] = sum(
+            a != b for a, b in zip(after, before, strict=True)
+        )
+        frame[name] = pd.Series(after, index=frame.index, dtype=object)
+    return repairs
 
 
 def _strip_blank(column: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -318,6 +359,7 @@ def _check_events(
     )
     reasons.flag(~frame["item_id"].isin(item_ids), "unknown_item")
     _check_duplicates(reasons, frame, key=None)
+    repairs |= _mask_free_text(frame)
     return frame, reasons.codes, repairs
 
 
@@ -507,7 +549,7 @@ def clean(
     """Validate raw tables into curated and quarantined datasets, with a report."""
     from pathlib import Path
 
-    from components.clean import clean_tables, render_report
+    from components.clean import COLUMN_TRANSFORMS, clean_tables, render_report
     from shopml.config import load_settings
     from shopml.logs import configure_logging
     from shopml.security import load_pseudonymizer
@@ -523,6 +565,7 @@ def clean(
         metrics.log_metric(name, value)
     curated.metadata.update({k: r.rows_kept for k, r in result.tables.items()})
     curated.metadata["key_id"] = result.key_id
+    curated.metadata["column_transforms"] = COLUMN_TRANSFORMS
     curated.metadata["inputs"] = raw.metadata.get("inputs", [])
     quarantine.metadata.update(
         {k: r.rows_quarantined for k, r in result.tables.items()}

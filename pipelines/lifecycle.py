@@ -21,6 +21,7 @@ from components.train import train
 
 PIPELINE_NAME = "shopml-lifecycle"
 
+
 class LifecycleOutputs(NamedTuple):
     """What a run returns: where the model is served and how it scored."""
 
@@ -121,5 +122,5 @@ def lifecycle_pipeline(
     monitor_task.set_caching_options(False)
 
     return LifecycleOutputs(
-        endpoint=deploy_task.output, evaluation=evaluate_task.output
+        endpoint=deploy_task.output, evaluation=evaluate_task.outputs["Output"]
     )

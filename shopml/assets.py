@@ -24,13 +24,16 @@ import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shopml.schemas import CLASSES
 from shopml.storage import ObjectStore
+
+if TYPE_CHECKING:
+    from shopml.audit import AuditLog
 
 logger = logging.getLogger(__name__)
 
@@ -154,10 +157,13 @@ class AssetStore:
 
     Args:
         store: where the bytes live.
+        audit: when given, every version written or read is recorded there
+            (``asset.write`` / ``asset.read``, see :mod:`shopml.audit`).
     """
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, audit: AuditLog | None = None) -> None:
         self.store = store
+        self.audit = audit
 
     def put_table(
         self,
@@ -364,7 +370,8 @@ class AssetStore:
                 f"asset {asset.ref} is a folder, not a table; use fetch_dir"
             )
         data = self.store.get_bytes(asset.prefix + TABLE_FILE)
-        _verify(asset, entry, data)
+        self._verify_read(asset, entry, data)
+        self._record("asset.read", asset, "success", files=1)
         return pq.read_table(pa.BufferReader(data))
 
     def fetch_dir(self, name: str, version: str | None, dest: Path) -> AssetVersion:
@@ -386,13 +393,14 @@ class AssetStore:
         dest.mkdir(parents=True, exist_ok=True)
         for entry in asset.files:
             data = self.store.get_bytes(asset.prefix + entry["name"])
-            _verify(asset, entry, data)
+            self._verify_read(asset, entry, data)
             target = dest / entry["name"]
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         logger.info(
             "fetched asset=%s files=%d into %s", asset.ref, len(asset.files), dest
         )
+        self._record("asset.read", asset, "success", files=len(asset.files))
         return asset
 
     def _check_target(self, name: str, zone: str) -> None:
@@ -412,7 +420,9 @@ class AssetStore:
         if not self.store.exists(key):
             return None
         logger.info("asset=%s@%s unchanged; nothing written", name, version)
-        return self._read_manifest(key)
+        asset = self._read_manifest(key)
+        self._record("asset.write", asset, "unchanged", zone=zone)
+        return asset
 
     def _commit(self, asset: AssetVersion) -> AssetVersion:
         self.store.put_bytes(asset.prefix + MANIFEST, asset.to_json().encode("utf-8"))
@@ -424,7 +434,32 @@ class AssetStore:
             asset.bytes,
             self.store.uri(asset.prefix + MANIFEST),
         )
+        self._record(
+            "asset.write",
+            asset,
+            "success",
+            zone=asset.zone,
+            rows=asset.rows,
+            bytes=asset.bytes,
+            producer=asset.producer,
+        )
         return asset
+
+    def _verify_read(
+        self, asset: AssetVersion, entry: dict[str, Any], data: bytes
+    ) -> None:
+        """Check a file against the manifest; a mismatch is audited as a failure."""
+        try:
+            _verify(asset, entry, data)
+        except ValueError:
+            self._record("asset.read", asset, "failure", file=entry["name"])
+            raise
+
+    def _record(
+        self, action: str, asset: AssetVersion, outcome: str, **details: Any
+    ) -> None:
+        if self.audit is not None:
+            self.audit.record(None, action, asset.ref, outcome, **details)
 
     def _read_manifest(self, key: str) -> AssetVersion:
         return AssetVersion.from_json(self.store.get_bytes(key).decode("utf-8"))
