@@ -32,6 +32,7 @@ def store_tables(
     *,
     producer: str,
     inputs: list[str],
+    transforms: dict[str, object] | None = None,
 ) -> dict[str, AssetVersion]:
     """Store every curated and quarantine table present as an asset version.
 
@@ -42,6 +43,8 @@ def store_tables(
         assets: the asset store.
         producer: the stage or run that writes, recorded in each manifest.
         inputs: lineage of the sources (``["name@version", ...]``).
+        transforms: what cleaning did to sensitive columns (pseudonymization key id,
+            masked or dropped columns), recorded with every curated version.
 
     Returns:
         Asset name -> version: ``events``, ``catalog``, ``users`` and
@@ -85,7 +88,8 @@ def store_tables(
             classification=classify_columns(kind, table.column_names, curated=True),
             producer=producer,
             inputs=list(inputs),
-            quality=_quality(table.num_rows, stored.get(quarantine_name)),
+            quality=_quality(table.num_rows, stored.get(quarantine_name))
+            | (transforms or {}),
         )
     logger.info("stored %s", ", ".join(v.ref for v in stored.values()))
     return stored
@@ -130,19 +134,24 @@ def store(
     from pathlib import Path
 
     from components.store import TABLES, store_tables
-    from shopml.assets import AssetStore
+    from shopml.assets import asset_store_from_settings
     from shopml.config import load_settings
     from shopml.logs import configure_logging
-    from shopml.storage import open_store
 
     configure_logging()
-    assets = AssetStore(open_store(load_settings()))
+    assets = asset_store_from_settings(load_settings())
+    transforms = {
+        key: curated.metadata[key]
+        for key in ("key_id", "column_transforms")
+        if key in curated.metadata
+    }
     versions = store_tables(
         Path(curated.path),
         Path(quarantine.path),
         assets,
         producer="kfp:store",
         inputs=list(curated.metadata.get("inputs", [])),
+        transforms=transforms,
     )
 
     os.makedirs(stored.path, exist_ok=True)

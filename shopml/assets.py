@@ -34,6 +34,7 @@ from shopml.storage import ObjectStore
 
 if TYPE_CHECKING:
     from shopml.audit import AuditLog
+    from shopml.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -499,3 +500,11 @@ def _verify(asset: AssetVersion, entry: dict[str, Any], data: bytes) -> None:
             f"file {entry['name']!r} of asset {asset.ref} has sha256 {digest}, "
             f"manifest says {entry['sha256']}; the store was modified"
         )
+
+
+def asset_store_from_settings(settings: Settings) -> AssetStore:
+    """The asset store ``settings`` describe, recording every access in the audit log."""
+    from shopml.audit import audit_log_from_settings
+    from shopml.storage import open_store
+
+    return AssetStore(open_store(settings), audit=audit_log_from_settings(settings))

@@ -150,6 +150,13 @@ def schema_for(kind: str) -> pa.Schema:
     return SCHEMAS[kind]
 
 
+# Columns that cleaning pseudonymizes or masks, so their curated form is internal.
+_CURATED_INTERNAL: dict[str, tuple[str, ...]] = {
+    "events": ("user_id", "query"),
+    "users": ("user_id",),
+}
+
+
 def classify_columns(
     kind: str, names: Sequence[str], *, curated: bool = False
 ) -> dict[str, str]:
@@ -158,7 +165,9 @@ def classify_columns(
     Args:
         kind: ``events``, ``catalog`` or ``users``.
         names: the columns of the table, canonical or not.
-        curated: the table holds pseudonyms in ``user_id`` (classed ``internal``).
+        curated: the table went through cleaning: ``user_id`` holds pseudonyms and
+            free text is PII-masked, so both are ``internal``; any other ``pii`` or
+            ``sensitive`` column left in a curated table keeps its class.
 
     Returns:
         Column name -> class; bookkeeping columns (``_...``) are ``internal``.
@@ -167,7 +176,7 @@ def classify_columns(
     known = COLUMN_CLASSES[kind]
     classes: dict[str, str] = {}
     for name in names:
-        if name == "user_id" and curated:
+        if curated and name in _CURATED_INTERNAL.get(kind, ()):
             classes[name] = "internal"
         elif name in known:
             classes[name] = known[name]

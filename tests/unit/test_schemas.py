@@ -187,6 +187,6 @@ def test_classes_mark_raw_ids_pii_and_pseudonyms_internal() -> None:
     }
     assert curated == {
         "user_id": "internal",
-        "query": "sensitive",
+        "query": "internal",  # masked by cleaning
         "campaign": "internal",
     }
