@@ -1,0 +1,358 @@
+"""SASRec: a causal Transformer that predicts a user's next item from their history.
+
+Follows Kang & McAuley, "Self-Attentive Sequential Recommendation" (ICDM 2018), and the
+split of RecBole's ``sequential_recommender/sasrec.py``: the forward pass, the
+training loss and full ranking are separate methods. The blocks are written out here in
+dependency order (attention, block, encoder, model), pre-LayerNorm as in GPT-2.
+
+Conventions: item index 0 is padding and never an item; real items are ``1..n_items``.
+Sequences are left-padded with 0 and hold the newest item last, so the last position is
+always the one that predicts the next item. Shapes use B batch, L sequence length,
+H hidden size, N items (``n_items + 1`` columns including padding).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 (PyTorch convention)
+from torch import Tensor, nn
+
+LOSSES = ("ce", "sampled", "bce")
+
+
+@dataclass
+class SASRecConfig:
+    """Architecture and loss of a SASRec model; saved as the artifact's ``config.json``.
+
+    Attributes:
+        n_items: number of real items; index 0 is padding, items are ``1..n_items``.
+        max_seq_len: longest history the model reads (older items are dropped).
+        hidden_size: width H of embeddings and every block.
+        n_heads: attention heads per block; must divide ``hidden_size``.
+        n_layers: number of Transformer blocks.
+        dropout: dropout on embeddings, attention weights and residual branches.
+        loss: ``"ce"`` full softmax over all items (default, best quality),
+            ``"sampled"`` softmax over ``n_negatives`` shared random items (large
+            catalogs), ``"bce"`` one negative per position as in the paper.
+        n_negatives: negatives per batch for the ``"sampled"`` loss.
+    """
+
+    n_items: int
+    max_seq_len: int = 50
+    hidden_size: int = 64
+    n_heads: int = 2
+    n_layers: int = 2
+    dropout: float = 0.2
+    loss: str = "ce"
+    n_negatives: int = 256
+
+    def __post_init__(self) -> None:
+        if self.n_items < 1:
+            raise ValueError(f"n_items={self.n_items} must be at least 1")
+        if self.max_seq_len < 1:
+            raise ValueError(f"max_seq_len={self.max_seq_len} must be at least 1")
+        if self.hidden_size < 1 or self.n_heads < 1 or self.hidden_size % self.n_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be a positive multiple of "
+                f"n_heads={self.n_heads}"
+            )
+        if self.n_layers < 1:
+            raise ValueError(f"n_layers={self.n_layers} must be at least 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.loss not in LOSSES:
+            raise ValueError(
+                f"loss={self.loss!r} is not supported; use one of {LOSSES}"
+            )
+        if self.n_negatives < 1:
+            raise ValueError(f"n_negatives={self.n_negatives} must be at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as a JSON-ready dictionary."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SASRecConfig:
+        """Build a configuration from :meth:`to_dict` output.
+
+        Raises:
+            ValueError: a key is not a configuration field, or a value is invalid.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown SASRecConfig keys {unknown}; known keys: {sorted(known)}"
+            )
+        return cls(**d)
+
+
+def left_pad(
+    item_seqs: Sequence[Sequence[int] | np.ndarray], max_seq_len: int
+) -> Tensor:
+    """Pack item-index histories into the model's input layout.
+
+    Args:
+        item_seqs: one history per user, oldest first, item indices in ``1..n_items``.
+        max_seq_len: width L of the result; longer histories keep their newest items.
+
+    Returns:
+        Long tensor [B, L], left-padded with 0, newest item in the last column.
+    """
+    out = torch.zeros((len(item_seqs), max_seq_len), dtype=torch.long)
+    for row, seq in enumerate(item_seqs):
+        tail = list(seq)[-max_seq_len:]
+        if tail:
+            out[row, max_seq_len - len(tail) :] = torch.as_tensor(
+                tail, dtype=torch.long
+            )
+    return out
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where position i sees positions <= i, never padding."""
+
+    def __init__(self, config: SASRecConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+        """Attend over earlier positions.
+
+        Args:
+            x: float [B, L, H].
+            attn_mask: bool [B, 1, L, L], True where a query may attend to a key.
+
+        Returns:
+            float [B, L, H].
+        """
+        b, length, h = x.shape
+        q, k, v = self.qkv(x).split(h, dim=2)  # 3 x [B, L, H]
+        # [B, L, H] -> [B, heads, L, H / heads]
+        q = q.view(b, length, self.n_heads, h // self.n_heads).transpose(1, 2)
+        k = k.view(b, length, self.n_heads, h // self.n_heads).transpose(1, 2)
+        v = v.view(b, length, self.n_heads, h // self.n_heads).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # [B, heads, L, H / heads]
+        y = y.transpose(1, 2).contiguous().view(b, length, h)  # [B, L, H]
+        return self.resid_dropout(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    """Position-wise two-layer MLP with GELU, four times wider inside."""
+
+    def __init__(self, config: SASRecConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.hidden_size, 4 * config.hidden_size)
+        self.proj = nn.Linear(4 * config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map float [B, L, H] to float [B, L, H]."""
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """One pre-LN Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: SASRecConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.hidden_size)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.hidden_size)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+        """Map float [B, L, H] to float [B, L, H]; see :class:`CausalSelfAttention`."""
+        x = x + self.attn(self.ln_1(x), attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Encoder(nn.Module):
+    """A stack of blocks followed by a final LayerNorm."""
+
+    def __init__(self, config: SASRecConfig) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size)
+
+    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+        """Map float [B, L, H] to float [B, L, H]."""
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        return self.ln_f(x)
+
+
+class SASRec(nn.Module):
+    """Self-attentive sequential recommender with shared input/output item embeddings.
+
+    Args:
+        config: architecture and loss; ``config.n_items`` fixes the item vocabulary.
+    """
+
+    def __init__(self, config: SASRecConfig) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.item_embedding = nn.Embedding(config.n_items + 1, h, padding_idx=0)
+        self.position_embedding = nn.Embedding(config.max_seq_len, h)
+        self.emb_dropout = nn.Dropout(config.dropout)
+        self.encoder = Encoder(config)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # Small normal weights as in RecBole (initializer_range 0.02), zero biases.
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+
+    def forward(self, item_seq: Tensor) -> Tensor:
+        """Encode every position of left-padded histories.
+
+        Args:
+            item_seq: long [B, L], L <= max_seq_len, left-padded with 0, newest last.
+
+        Returns:
+            float [B, L, H]; position i summarises items up to and including i. Padding
+            positions hold zeros.
+
+        Raises:
+            ValueError: ``item_seq`` is not 2-D or longer than ``max_seq_len``.
+        """
+        if item_seq.dim() != 2 or item_seq.size(1) > self.config.max_seq_len:
+            raise ValueError(
+                f"item_seq must be [B, L] with L <= "
+                f"max_seq_len={self.config.max_seq_len}, "
+                f"got shape {tuple(item_seq.shape)}"
+            )
+        length = item_seq.size(1)
+        is_item = item_seq > 0  # [B, L]
+
+        # Positions count from the right: the newest item always has the last one.
+        start = self.config.max_seq_len - length
+        positions = torch.arange(start, start + length, device=item_seq.device)  # [L]
+        x = self.item_embedding(item_seq) * math.sqrt(self.config.hidden_size)
+        x = self.emb_dropout(x + self.position_embedding(positions))  # [B, L, H]
+
+        x = self.encoder(x, self._attention_mask(is_item))  # [B, L, H]
+        return x * is_item.unsqueeze(-1)
+
+    @staticmethod
+    def _attention_mask(is_item: Tensor) -> Tensor:
+        """Bool [B, 1, L, L]: causal, keys are items, and every query sees itself.
+
+        Letting a padding query see itself keeps its softmax finite; its output is
+        zeroed afterwards and never used.
+        """
+        length = is_item.size(1)
+        causal = torch.ones(
+            length, length, dtype=torch.bool, device=is_item.device
+        ).tril()
+        diagonal = torch.eye(length, dtype=torch.bool, device=is_item.device)
+        mask = (causal & is_item[:, None, :]) | diagonal  # [B, L, L]
+        return mask.unsqueeze(1)
+
+    def _item_logits(self, hidden: Tensor) -> Tensor:
+        """Scores of every item column: float [..., H] -> [..., N], column 0 = -inf."""
+        logits = hidden @ self.item_embedding.weight.T
+        logits[..., 0] = float("-inf")
+        return logits
+
+    def calculate_loss(
+        self, item_seq: Tensor, pos_items: Tensor, neg_items: Tensor | None = None
+    ) -> Tensor:
+        """Next-item loss at every position that has a target.
+
+        Args:
+            item_seq: long [B, L] histories, left-padded with 0.
+            pos_items: long [B, L], the item that follows each position; 0 where
+                there is no target (padding), those positions are ignored.
+            neg_items: optional negatives; ``"bce"``: long [B, L], ``"sampled"``:
+                long [K] shared by the batch. Drawn uniformly from ``1..n_items`` when
+                omitted; unused by ``"ce"``.
+
+        Returns:
+            Scalar mean loss over the positions with a target.
+        """
+        hidden = self.forward(item_seq)  # [B, L, H]
+        has_target = pos_items > 0  # [B, L]
+        hidden, pos_items = hidden[has_target], pos_items[has_target]  # [T, H], [T]
+
+        if self.config.loss == "ce":
+            return F.cross_entropy(self._item_logits(hidden).float(), pos_items)
+        if self.config.loss == "sampled":
+            return self._sampled_softmax_loss(hidden, pos_items, neg_items)
+        if neg_items is None:
+            neg_items = self._sample_items(pos_items.shape, pos_items.device)
+        else:
+            neg_items = neg_items[has_target]
+        return self._bce_loss(hidden, pos_items, neg_items)
+
+    def _sample_items(
+        self, shape: torch.Size | tuple[int, ...], device: torch.device
+    ) -> Tensor:
+        return torch.randint(1, self.config.n_items + 1, shape, device=device)
+
+    def _sampled_softmax_loss(
+        self, hidden: Tensor, pos_items: Tensor, neg_items: Tensor | None
+    ) -> Tensor:
+        """Softmax over the target and K shared negatives; hidden [T, H], pos [T]."""
+        if neg_items is None:
+            neg_items = self._sample_items((self.config.n_negatives,), hidden.device)
+        pos_emb = self.item_embedding(pos_items)  # [T, H]
+        neg_emb = self.item_embedding(neg_items)  # [K, H]
+        pos_logit = (hidden * pos_emb).sum(-1, keepdim=True)  # [T, 1]
+        neg_logits = hidden @ neg_emb.T  # [T, K]
+        # A negative that happens to be the target is no negative.
+        neg_logits = neg_logits.masked_fill(
+            neg_items[None, :] == pos_items[:, None], -1e4
+        )
+        logits = torch.cat([pos_logit, neg_logits], dim=1).float()  # [T, 1 + K]
+        target = torch.zeros(logits.size(0), dtype=torch.long, device=logits.device)
+        return F.cross_entropy(logits, target)
+
+    def _bce_loss(self, hidden: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
+        """Binary loss with one negative per target; hidden [T, H], pos and neg [T]."""
+        pos_logit = (hidden * self.item_embedding(pos_items)).sum(-1).float()  # [T]
+        neg_logit = (hidden * self.item_embedding(neg_items)).sum(-1).float()  # [T]
+        pos_loss = F.binary_cross_entropy_with_logits(
+            pos_logit, torch.ones_like(pos_logit)
+        )
+        neg_loss = F.binary_cross_entropy_with_logits(
+            neg_logit, torch.zeros_like(neg_logit)
+        )
+        return pos_loss + neg_loss
+
+    def full_sort_scores(self, item_seq: Tensor) -> Tensor:
+        """Score every item as the next one after each history.
+
+        Args:
+            item_seq: long [B, L] histories, left-padded with 0, newest last.
+
+        Returns:
+            float [B, n_items + 1]; column 0 (padding) is ``-inf``. History items are
+            not masked here: callers exclude what they must.
+        """
+        hidden = self.forward(item_seq)[:, -1, :]  # [B, H]
+        return self._item_logits(hidden)

@@ -1,0 +1,198 @@
+"""SASRec on tiny seeded models: shapes, causality, padding and that it can learn."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from shopml.models.sasrec import SASRec, SASRecConfig, left_pad
+
+N_ITEMS = 30
+MAX_SEQ_LEN = 20
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and stay fast when other jobs load the CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(loss: str = "ce", dropout: float = 0.0, seed: int = 0) -> SASRec:
+    """A seeded 2-layer model with hidden size 32."""
+    torch.manual_seed(seed)
+    config = SASRecConfig(
+        n_items=N_ITEMS,
+        max_seq_len=MAX_SEQ_LEN,
+        hidden_size=32,
+        n_heads=2,
+        n_layers=2,
+        dropout=dropout,
+        loss=loss,
+        n_negatives=8,
+    )
+    return SASRec(config)
+
+
+def random_seqs(batch: int, seed: int = 1) -> torch.Tensor:
+    """Left-padded histories of varying length, items 1..N_ITEMS."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, MAX_SEQ_LEN + 1, (batch,), generator=gen).tolist()
+    seqs = [
+        torch.randint(1, N_ITEMS + 1, (n,), generator=gen).tolist() for n in lengths
+    ]
+    return left_pad(seqs, MAX_SEQ_LEN)
+
+
+def test_left_pad_keeps_newest_items_on_the_right() -> None:
+    padded = left_pad([[1, 2, 3], list(range(1, 26))], 5)
+
+    assert padded.tolist() == [[0, 0, 1, 2, 3], [21, 22, 23, 24, 25]]
+    assert padded.dtype == torch.long
+
+
+def test_forward_and_scores_have_documented_shapes() -> None:
+    model = tiny_model().eval()
+    item_seq = random_seqs(4)
+
+    hidden = model(item_seq)
+    scores = model.full_sort_scores(item_seq)
+
+    assert hidden.shape == (4, MAX_SEQ_LEN, 32)
+    assert scores.shape == (4, N_ITEMS + 1)
+    assert torch.isfinite(scores[:, 1:]).all()
+
+
+def test_padding_positions_output_zeros() -> None:
+    model = tiny_model().eval()
+    item_seq = left_pad([[5, 6, 7]], MAX_SEQ_LEN)
+
+    hidden = model(item_seq)
+
+    assert torch.count_nonzero(hidden[0, :-3]) == 0
+    assert torch.count_nonzero(hidden[0, -3:]) > 0
+
+
+def test_padding_is_never_recommended() -> None:
+    model = tiny_model().eval()
+
+    scores = model.full_sort_scores(random_seqs(6))
+
+    assert torch.isneginf(scores[:, 0]).all()
+    assert (scores.argmax(dim=1) > 0).all()
+
+
+def test_a_later_item_never_changes_earlier_positions() -> None:
+    model = tiny_model().eval()
+    item_seq = random_seqs(3, seed=2)
+    item_seq[:, -6:] = torch.tensor([3, 4, 5, 6, 7, 8])
+    changed = item_seq.clone()
+    changed[:, -2] = 20  # a different item at position L-2
+
+    before, after = model(item_seq), model(changed)
+
+    torch.testing.assert_close(before[:, :-2], after[:, :-2])
+    assert not torch.allclose(before[:, -2:], after[:, -2:])
+
+
+def test_extra_left_padding_does_not_change_the_scores() -> None:
+    model = tiny_model().eval()
+    history = [[4, 9, 2, 11]]
+
+    full = model.full_sort_scores(left_pad(history, MAX_SEQ_LEN))
+    short = model.full_sort_scores(left_pad(history, 8))
+
+    torch.testing.assert_close(full, short)
+
+
+def test_too_long_a_sequence_is_rejected() -> None:
+    model = tiny_model()
+
+    with pytest.raises(ValueError, match="max_seq_len=20"):
+        model(torch.ones((1, MAX_SEQ_LEN + 1), dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("n_heads", 3, "multiple of n_heads=3"),
+        ("loss", "hinge", "loss='hinge' is not supported"),
+        ("dropout", 1.0, "dropout=1.0"),
+        ("n_items", 0, "n_items=0"),
+    ],
+    ids=["heads-not-dividing-hidden", "unknown-loss", "dropout-one", "no-items"],
+)
+def test_config_rejects_bad_values(field: str, value: object, message: str) -> None:
+    values: dict[str, object] = {"n_items": 10, "hidden_size": 32, field: value}
+
+    with pytest.raises(ValueError, match=message):
+        SASRecConfig(**values)  # type: ignore[arg-type]
+
+
+def test_config_round_trips_through_a_dict() -> None:
+    config = SASRecConfig(n_items=7, hidden_size=32, loss="sampled", n_negatives=3)
+
+    assert SASRecConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown SASRecConfig keys \\['colour'\\]"):
+        SASRecConfig.from_dict({**config.to_dict(), "colour": "red"})
+
+
+def cyclic_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences following the cycle 1 -> 2 -> ... -> 10 -> 1 from different starts."""
+    rows = [
+        [(start + i) % 10 + 1 for i in range(MAX_SEQ_LEN + 1)] for start in range(10)
+    ]
+    seqs = torch.tensor(rows)
+    return seqs[:, :-1], seqs[:, 1:]
+
+
+@pytest.mark.parametrize("loss", ["ce", "sampled", "bce"])
+def test_loss_decreases_on_a_learnable_sequence(loss: str) -> None:
+    model = tiny_model(loss=loss, dropout=0.1)
+    item_seq, pos_items = cyclic_batch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+
+    losses = []
+    for _ in range(60):
+        loss_value = model.calculate_loss(item_seq, pos_items)
+        optimizer.zero_grad()
+        loss_value.backward()
+        optimizer.step()
+        losses.append(loss_value.item())
+
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_a_trained_model_predicts_the_next_item_of_the_cycle() -> None:
+    model = tiny_model(loss="ce", dropout=0.0)
+    item_seq, pos_items = cyclic_batch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for _ in range(80):
+        loss = model.calculate_loss(item_seq, pos_items)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    model.eval()
+    predicted = model.full_sort_scores(left_pad([[3, 4, 5], [9, 10]], MAX_SEQ_LEN))
+
+    assert predicted.argmax(dim=1).tolist() == [6, 1]
+
+
+def test_padding_targets_are_ignored_by_the_loss() -> None:
+    model = tiny_model().eval()
+    item_seq = left_pad([[1, 2, 3]], MAX_SEQ_LEN)
+    pos_items = left_pad([[2, 3, 4]], MAX_SEQ_LEN)
+    garbage = pos_items.clone()
+    garbage[0, 0] = 0  # still padding: must make no difference
+
+    expected = torch.nn.functional.cross_entropy(
+        model._item_logits(model(item_seq)[0, -3:]), torch.tensor([2, 3, 4])
+    )
+
+    torch.testing.assert_close(model.calculate_loss(item_seq, pos_items), expected)
+    torch.testing.assert_close(model.calculate_loss(item_seq, garbage), expected)

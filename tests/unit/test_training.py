@@ -1,0 +1,213 @@
+"""The training loop and the train stage's core on tiny, learnable, seeded data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from components.train import TrainParams, train, train_model
+from shopml.artifact import load_model_artifact
+from shopml.evaluation import evaluate_scorer
+from shopml.models.baselines import PopularityRecommender
+from shopml.models.sasrec import SASRecConfig
+from shopml.sequences import LeaveOneOutSplit, split_events
+from shopml.training import TrainConfig, _lr_lambda, train_sasrec, training_windows
+
+N_USERS = 30
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and stay fast when other jobs load the CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+N_ITEMS = 20
+SEQ_LEN = 12
+
+
+def cyclic_events(n_users: int = N_USERS) -> pd.DataFrame:
+    """Users walk the cycle 1 -> 2 -> ... -> N_ITEMS -> 1 from different starts."""
+    rows = []
+    for user in range(n_users):
+        for step in range(SEQ_LEN):
+            item = (user * 7 + step) % N_ITEMS + 1
+            rows.append((f"u{user:02d}", f"i{item:02d}", 1_000 * user + step))
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "ts"])
+    return frame.assign(
+        event_type="view", timestamp=pd.to_datetime(frame.pop("ts"), unit="s", utc=True)
+    )
+
+
+def catalog() -> pd.DataFrame:
+    ids = [f"i{i:02d}" for i in range(1, N_ITEMS + 1)]
+    return pd.DataFrame({"item_id": ids, "title": [f"Title {i}" for i in ids]})
+
+
+@pytest.fixture(scope="module")
+def split() -> LeaveOneOutSplit:
+    return split_events(cyclic_events(), catalog())
+
+
+def tiny_configs(
+    split: LeaveOneOutSplit, epochs: int = 40, patience: int = 40
+) -> tuple[SASRecConfig, TrainConfig]:
+    model_config = SASRecConfig(
+        n_items=split.n_items, max_seq_len=10, hidden_size=32, n_layers=2, dropout=0.1
+    )
+    train_config = TrainConfig(
+        epochs=epochs, batch_size=16, lr=5e-3, patience=patience, seed=7, device="cpu"
+    )
+    return model_config, train_config
+
+
+def test_windows_put_each_target_one_step_after_its_input() -> None:
+    rng = np.random.default_rng(0)
+    seqs = [np.arange(1, 5), np.array([9]), np.arange(1, 13)]
+
+    item_seq, pos_items = training_windows(seqs, 5, rng)
+
+    # user 0: pairs (1,2) (2,3) (3,4); user 1 has no pair; user 2 has 11 pairs
+    assert item_seq[0].tolist() == [0, 0, 1, 2, 3]
+    assert pos_items[0].tolist() == [0, 0, 2, 3, 4]
+    assert item_seq[1].tolist() == [7, 8, 9, 10, 11]
+    assert pos_items[1].tolist() == [8, 9, 10, 11, 12]
+    assert ((item_seq == 0) == (pos_items == 0)).all()
+    targets = pos_items[1:][pos_items[1:] > 0]  # rows 1.. are user 2's windows
+    assert sorted(set(targets.tolist())) == list(range(2, 13))  # every pair is trained
+
+
+def test_learning_rate_warms_up_then_decays_to_zero() -> None:
+    factor = _lr_lambda(total_steps=100, warmup_ratio=0.1)
+
+    assert factor(0) == pytest.approx(0.1)
+    assert factor(9) == pytest.approx(1.0)
+    assert factor(55) == pytest.approx(0.5)
+    assert factor(100) == pytest.approx(0.0)
+
+
+def test_training_beats_popularity_on_a_learnable_pattern(
+    split: LeaveOneOutSplit,
+) -> None:
+
+    result = train_sasrec(split, *tiny_configs(split, epochs=30))
+
+    popularity = PopularityRecommender(split.n_items).fit(split.histories("test"))
+    sasrec_test = evaluate_scorer(
+        result.model.full_sort_scores, split, "test", max_seq_len=10
+    )
+    popularity_test = evaluate_scorer(popularity.full_sort_scores, split, "test")
+    assert sasrec_test["hr_10"] > 0.9
+    assert sasrec_test["ndcg_10"] > popularity_test["ndcg_10"] + 0.3
+    assert result.best_valid["ndcg_10"] > 0.5
+    assert not result.model.training
+    assert next(result.model.parameters()).device.type == "cpu"
+
+
+def test_training_is_deterministic_on_cpu(split: LeaveOneOutSplit) -> None:
+    first = train_sasrec(split, *tiny_configs(split, epochs=3))
+    second = train_sasrec(split, *tiny_configs(split, epochs=3))
+
+    assert [r.loss for r in first.history] == [r.loss for r in second.history]
+    for a, b in zip(first.model.parameters(), second.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_early_stopping_keeps_the_best_epoch(split: LeaveOneOutSplit) -> None:
+    model_config, train_config = tiny_configs(split, epochs=60, patience=2)
+    train_config.lr = 0.05  # too high: validation soon stops improving
+    train_config.min_steps = 0
+
+    result = train_sasrec(split, model_config, train_config)
+
+    assert result.epochs_run < 60
+    assert result.epochs_run - result.best_epoch == 2
+    best = max(r.valid["ndcg_10"] for r in result.history if r.valid is not None)
+    assert result.best_valid["ndcg_10"] == best
+
+
+def test_early_stopping_waits_for_min_steps(split: LeaveOneOutSplit) -> None:
+    model_config, train_config = tiny_configs(split, epochs=30, patience=1)
+    train_config.lr = 0.05
+    # at most 60 windows of 16 (4 steps) per epoch here: no stop before epoch 10
+    train_config.min_steps = 40
+
+    result = train_sasrec(split, model_config, train_config)
+
+    assert result.epochs_run >= 10
+
+
+def test_a_config_for_another_vocabulary_is_rejected(split: LeaveOneOutSplit) -> None:
+    model_config, train_config = tiny_configs(split)
+    model_config.n_items = split.n_items + 1
+
+    with pytest.raises(ValueError, match=f"split has {split.n_items} items"):
+        train_sasrec(split, model_config, train_config)
+
+
+def test_unknown_device_is_rejected() -> None:
+    with pytest.raises(ValueError, match="device='tpu' is not supported"):
+        TrainConfig(device="tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_without_a_gpu_is_rejected(split: LeaveOneOutSplit) -> None:
+    model_config, train_config = tiny_configs(split)
+    train_config.device = "cuda"
+
+    with pytest.raises(ValueError, match="no CUDA GPU is available"):
+        train_sasrec(split, model_config, train_config)
+
+
+def write_curated(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    cyclic_events().to_parquet(folder / "events.parquet")
+    catalog().to_parquet(folder / "catalog.parquet")
+    return folder
+
+
+def test_train_model_saves_a_loadable_artifact_with_titles(tmp_path: Path) -> None:
+    curated = write_curated(tmp_path / "curated")
+    params = TrainParams(
+        epochs=4, max_seq_len=10, hidden_size=32, batch_size=16, device="cpu", seed=3
+    )
+
+    summary = train_model(curated, tmp_path / "model", params)
+
+    artifact = load_model_artifact(tmp_path / "model")
+    assert artifact.config.n_items == N_ITEMS
+    assert artifact.item_ids[1] == "i01"
+    assert artifact.titles[N_ITEMS] == "Title i20"
+    assert artifact.popularity[0] == 0
+    assert artifact.popularity.sum() == N_USERS * (SEQ_LEN - 1)
+    assert summary.n_users == N_USERS
+    assert summary.epochs_run == 4
+    assert summary.metrics()["valid_ndcg_10"] == summary.valid["ndcg_10"]
+    assert artifact.extra["train"]["best_epoch"] == summary.best_epoch
+
+
+def test_train_model_names_a_missing_table(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"events\.parquet"):
+        train_model(tmp_path, tmp_path / "model")
+
+
+def test_train_component_declares_its_interface() -> None:
+    spec = train.component_spec
+
+    assert set(spec.inputs) >= {
+        "curated",
+        "epochs",
+        "max_seq_len",
+        "loss",
+        "device",
+        "seed",
+    }
+    assert set(spec.outputs) == {"model", "metrics"}
