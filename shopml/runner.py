@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -122,6 +123,11 @@ def run_local_pipeline(settings: Settings, arguments: dict[str, Any]) -> Pipelin
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root)
     )
 
+    # kfp.local warns that our image is not a plain Python image; locally the
+    # components run in this environment, which is exactly what the image holds.
+    warnings.filterwarnings(
+        "ignore", message="You may be attemping to run a task", category=RuntimeWarning
+    )
     started = time.monotonic()
     before = set(pipeline_root.glob(f"{PIPELINE_NAME}-*"))
     with log_path.open("w", encoding="utf-8") as log:
