@@ -18,6 +18,7 @@ from components.ingest import ingest
 from components.monitor import monitor
 from components.store import store
 from components.train import train
+from pipelines.platform import on_cluster, on_gpu, transient
 
 PIPELINE_NAME = "shopml-lifecycle"
 
@@ -49,6 +50,7 @@ def lifecycle_pipeline(
     n_heads: int = 2,
     loss: str = "ce",
     device: str = "auto",
+    gpus: int = 1,
     seed: int = 42,
     min_lift: float = 0.0,
     deploy_target: str = "local",
@@ -69,6 +71,7 @@ def lifecycle_pipeline(
         n_heads: attention heads per block.
         loss: training loss: ``ce`` (full softmax), ``sampled`` or ``bce``.
         device: ``auto`` (CUDA when present), ``cuda`` or ``cpu``.
+        gpus: GPUs the training pod asks for on a cluster; 0 trains on CPU nodes.
         seed: random seed for training.
         min_lift: relative NDCG@10 lift over popularity the model needs to pass the gate.
         deploy_target: ``local`` (a KServe ModelServer on this machine) or ``kserve``.
@@ -77,20 +80,26 @@ def lifecycle_pipeline(
     Returns:
         The endpoint URL and the evaluation table as JSON.
     """
+    # External data is read afresh on every run, so new data never comes from a cache;
+    # later stages are keyed by the content-versioned artifacts ingest hands on.
     ingest_task = ingest(
         source=source,
         events_uri=events_uri,
         catalog_uri=catalog_uri,
         users_uri=users_uri,
     )
+    transient(on_cluster(ingest_task)).set_caching_options(False)
     clean_task = clean(raw=ingest_task.outputs["raw"])
+    on_cluster(clean_task, memory="4Gi")
     store_task = store(
         curated=clean_task.outputs["curated"],
         quarantine=clean_task.outputs["quarantine"],
     )
+    transient(on_cluster(store_task))
     curated = store_task.outputs["stored"]
 
     features_task = features(curated=curated, max_seq_len=max_seq_len)
+    transient(on_cluster(features_task, memory="4Gi"))
     train_task = train(
         curated=curated,
         epochs=epochs,
@@ -102,9 +111,11 @@ def lifecycle_pipeline(
         device=device,
         seed=seed,
     )
+    on_gpu(on_cluster(train_task, cpu="4", memory="8Gi"), gpus)
     evaluate_task = evaluate(
         curated=curated, model=train_task.outputs["model"], min_lift=min_lift
     )
+    on_cluster(evaluate_task, memory="4Gi")
 
     # Serving side effects must never come from a cache.
     deploy_task = deploy(
@@ -112,14 +123,14 @@ def lifecycle_pipeline(
         features=features_task.outputs["features"],
         target=deploy_target,
     ).after(evaluate_task)
-    deploy_task.set_caching_options(False)
+    transient(on_cluster(deploy_task)).set_caching_options(False)
     monitor_task = monitor(
         endpoint=deploy_task.output,
         raw=ingest_task.outputs["raw"],
         curated=curated,
         n_users=monitor_users,
     )
-    monitor_task.set_caching_options(False)
+    on_cluster(monitor_task).set_caching_options(False)
 
     return LifecycleOutputs(
         endpoint=deploy_task.output, evaluation=evaluate_task.outputs["Output"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pyarrow.parquet as pq
@@ -33,18 +34,55 @@ STAGES = (
 )
 
 
-def test_compiled_pipeline_loads_back_and_names_every_stage(tmp_path: Path) -> None:
+def _compile(tmp_path: Path) -> tuple[pipeline_spec_pb2.PipelineSpec, dict[str, Any]]:
     path = tmp_path / "lifecycle.yaml"
     compiler.Compiler().compile(lifecycle_pipeline, str(path))
-
+    pipeline_doc, platform_doc = yaml.safe_load_all(path.read_text())
     spec = pipeline_spec_pb2.PipelineSpec()
-    json_format.ParseDict(yaml.safe_load(path.read_text()), spec)
+    json_format.ParseDict(pipeline_doc, spec)
+    return spec, platform_doc["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_compiled_pipeline_loads_back_and_names_every_stage(tmp_path: Path) -> None:
+    spec, _ = _compile(tmp_path)
     tasks = set(spec.root.dag.tasks)
     assert tasks == set(STAGES)
     assert spec.pipeline_info.name == "shopml-lifecycle"
     parameters = spec.root.input_definitions.parameters
     assert parameters["source"].default_value.string_value == "movielens-100k"
     assert set(spec.root.output_definitions.parameters) == {"endpoint", "evaluation"}
+    assert all(p.description for p in parameters.values()), (
+        "every parameter is described"
+    )
+
+
+def test_compiled_pipeline_asks_for_a_gpu_and_retries(tmp_path: Path) -> None:
+    spec, _ = _compile(tmp_path)
+    executors = spec.deployment_spec["executors"]
+    train = executors["exec-train"]["container"]["resources"]["accelerator"]
+    assert train["resourceType"] == "nvidia.com/gpu"
+    assert "gpus" in train["resourceCount"]  # the CPU fallback: gpus=0
+
+    tasks = spec.root.dag.tasks
+    retried = {
+        name for name, task in tasks.items() if task.retry_policy.max_retry_count
+    }
+    assert retried == {"ingest", "store", "features", "deploy"}
+    uncached = {name for name, t in tasks.items() if not t.caching_options.enable_cache}
+    assert uncached == {"ingest", "deploy", "monitor"}
+
+
+def test_every_task_gets_settings_secrets_and_scratch(tmp_path: Path) -> None:
+    _, executors = _compile(tmp_path)
+    assert set(executors) == {f"exec-{stage}" for stage in STAGES}
+    for name, config in executors.items():
+        secret_envs = {
+            e["envVar"] for s in config["secretAsEnv"] for e in s["keyToEnv"]
+        }
+        assert "SHOPML_S3_SECRET_KEY" in secret_envs, name
+        assert config["configMapAsEnv"][0]["configMapName"] == "shopml-settings", name
+        assert config["emptyDirMounts"][0]["mountPath"] == "/tmp/shopml", name
+    assert executors["exec-train"]["tolerations"][0]["key"] == "nvidia.com/gpu"
 
 
 def test_lifecycle_runs_every_stage_on_a_real_slice(
