@@ -33,7 +33,19 @@ import pyarrow.parquet as pq
 from kfp import dsl
 
 from components.common import stage_component
+from shopml.lineage import parquet_dataset, start_run
 from shopml.pii import mask_values, normalize_identifier
+from shopml.quality import (
+    CheckResult,
+    QualityConfig,
+    count_padded,
+    evaluate_checks,
+    flag_bot_users,
+    flag_near_duplicates,
+    quality_summary,
+    render_quality_section,
+    repair_text,
+)
 from shopml.schemas import (
     EVENT_TYPES,
     SOURCE_FILE,
@@ -68,6 +80,9 @@ REASONS: dict[str, str] = {
     "unknown_item": "item_id is not in the curated catalog",
     "duplicate": "an identical row came earlier (the first one is kept)",
     "duplicate_id": "an earlier row has the same id with other values (it is kept)",
+    "near_duplicate": "same user, item and event type again within the near-duplicate "
+    "window (the first is kept)",
+    "bot_user": "the user's busiest minute has more events than a person makes",
 }
 
 
@@ -95,11 +110,17 @@ class CleanConfig:
         future_tolerance: events later than ``now`` plus this are impossible
             (``future_timestamp``); allows for clock skew between producers.
         now: the reference time; None takes the wall clock when the stage runs.
+        near_duplicate_window_s: an event repeating the same user, item and type
+            within this many seconds is a ``near_duplicate``; 0 turns it off.
+        bot_events_per_minute: a user with more events than this in one minute is a
+            ``bot_user`` (all their events); 0 turns it off.
     """
 
     timestamp_floor: datetime = datetime(1990, 1, 1, tzinfo=UTC)
     future_tolerance: timedelta = timedelta(days=1)
     now: datetime | None = None
+    near_duplicate_window_s: float = 2.0
+    bot_events_per_minute: int = 60
 
 
 @dataclass(frozen=True)
@@ -131,11 +152,13 @@ class CleanResult:
         tables: per-table report, for the tables that were present.
         key_id: fingerprint of the pseudonymization key used.
         seconds: duration of the stage.
+        checks: the quality gates per table and check (see :mod:`shopml.quality`).
     """
 
     tables: dict[str, TableReport]
     key_id: str
     seconds: float
+    checks: list[CheckResult] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
         """Flat metrics: ``events_rows_kept``, ``events_reason_duplicate``, ..."""
@@ -157,6 +180,7 @@ def clean_tables(
     quarantine_dir: Path,
     pseudonymizer: Pseudonymizer,
     config: CleanConfig | None = None,
+    quality: QualityConfig | None = None,
 ) -> CleanResult:
     """Validate the raw tables and split them into curated and quarantined rows.
 
@@ -168,9 +192,11 @@ def clean_tables(
             per table present, possibly empty.
         pseudonymizer: maps raw user ids to pseudonyms.
         config: thresholds; defaults to :class:`CleanConfig`.
+        quality: thresholds of the quality gates, evaluated into ``checks`` (not
+            enforced here: see :func:`shopml.quality.enforce_gates`).
 
     Returns:
-        Counts per table, reasons and repairs.
+        Counts per table, reasons, repairs and the quality checks.
 
     Raises:
         FileNotFoundError: events or catalog is missing from ``raw_dir``.
@@ -179,6 +205,9 @@ def clean_tables(
     config = config or CleanConfig()
     now = config.now or datetime.now(UTC)
     started = time.monotonic()
+    run = start_run(
+        "clean", [parquet_dataset(p) for p in sorted(raw_dir.glob("*.parquet"))]
+    )
     raw = _read_raw(raw_dir)
     curated_dir.mkdir(parents=True, exist_ok=True)
     quarantine_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +229,14 @@ def clean_tables(
             "users", raw["users"], frame, reasons, repairs
         )
 
-    result = CleanResult(reports, pseudonymizer.key_id, time.monotonic() - started)
+    checks = evaluate_checks(reports, quality)
+    result = CleanResult(
+        reports, pseudonymizer.key_id, time.monotonic() - started, checks
+    )
+    run.complete(
+        [parquet_dataset(p) for p in sorted(curated_dir.glob("*.parquet"))],
+        quality=quality_summary(checks),
+    )
     for report in reports.values():
         logger.info(
             "clean table=%s rows_in=%d kept=%d quarantined=%d reasons=%s",
@@ -316,11 +352,14 @@ def _check_catalog(raw: pa.Table) -> tuple[pd.DataFrame, pd.Series, dict[str, in
     frame = _frame(raw)
     reasons = _Reasons(len(frame))
     reasons.flag(_unparsed(raw, "row"), "unreadable_row")
+    # Entity-encoded titles and control characters are repaired, not rejected.
+    frame["title"], text_repairs = repair_text(frame["title"])
     _check_required(reasons, frame, ["item_id", "title"])
     reasons.flag(_unparsed(raw, "price"), "bad_price")
     reasons.flag(frame["price"].fillna(0) < 0, "negative_price")
     _check_duplicates(reasons, frame, key="item_id")
-    return frame, reasons.codes, {}
+    repairs = {f"title_{k}": v for k, v in text_repairs.items()}
+    return frame, reasons.codes, repairs | {"whitespace": count_padded(raw)}
 
 
 def _check_users(raw: pa.Table) -> tuple[pd.DataFrame, pd.Series, dict[str, int]]:
@@ -329,7 +368,7 @@ def _check_users(raw: pa.Table) -> tuple[pd.DataFrame, pd.Series, dict[str, int]
     reasons.flag(_unparsed(raw, "row"), "unreadable_row")
     _check_required(reasons, frame, ["user_id"])
     _check_duplicates(reasons, frame, key="user_id")
-    return frame, reasons.codes, {}
+    return frame, reasons.codes, {"whitespace": count_padded(raw)}
 
 
 def _check_events(
@@ -359,6 +398,14 @@ def _check_events(
     )
     reasons.flag(~frame["item_id"].isin(item_ids), "unknown_item")
     _check_duplicates(reasons, frame, key=None)
+    window = config.near_duplicate_window_s
+    is_near = flag_near_duplicates(frame, reasons.is_ok.to_numpy(), window)
+    reasons.flag(pd.Series(is_near), "near_duplicate")
+    is_bot = flag_bot_users(
+        frame, reasons.is_ok.to_numpy(), config.bot_events_per_minute
+    )
+    reasons.flag(pd.Series(is_bot), "bot_user")
+    repairs["whitespace"] = count_padded(raw)
     repairs |= _mask_free_text(frame)
     return frame, reasons.codes, repairs
 
@@ -495,11 +542,13 @@ def _cell(value: object) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def render_report(result: CleanResult) -> str:
+def render_report(result: CleanResult, checks: list[CheckResult] | None = None) -> str:
     """A self-contained HTML page with counts, reasons and repairs per table.
 
     Args:
         result: the outcome of :func:`clean_tables`.
+        checks: the quality gates' results; when given, the page shows them with
+            plots (see :func:`shopml.quality.render_quality_section`).
 
     Returns:
         The HTML text.
@@ -533,6 +582,7 @@ def render_report(result: CleanResult) -> str:
             _html_table(["table", "reason", "meaning", "rows"], reasons),
             "<h2>Repairs (rows kept, values fixed)</h2>",
             _html_table(["table", "field", "rows"], repairs),
+            render_quality_section(result.tables, checks) if checks else "",
             "</body></html>",
         ]
     )
@@ -546,23 +596,41 @@ def clean(
     metrics: dsl.Output[dsl.Metrics],
     report: dsl.Output[dsl.HTML],
 ) -> None:
-    """Validate raw tables into curated and quarantined datasets, with a report."""
+    """Validate raw tables into curated and quarantined datasets, with a report.
+
+    Quality thresholds come from ``SHOPML_QUALITY_THRESHOLDS`` (JSON, e.g.
+    ``{"max_nulls": 0.1}``; see :class:`shopml.quality.QualityConfig`); a breached one
+    fails the stage after the report, the metrics and ``quality.json`` are written.
+    """
     from pathlib import Path
 
     from components.clean import COLUMN_TRANSFORMS, clean_tables, render_report
     from shopml.config import load_settings
     from shopml.logs import configure_logging
+    from shopml.quality import (
+        enforce_gates,
+        quality_config_from_env,
+        write_quality_json,
+    )
     from shopml.security import load_pseudonymizer
 
     configure_logging()
+    quality = quality_config_from_env()
     result = clean_tables(
         Path(raw.path),
         Path(curated.path),
         Path(quarantine.path),
         load_pseudonymizer(load_settings()),
+        quality=quality,
     )
+    checks = result.checks
     for name, value in result.metrics().items():
         metrics.log_metric(name, value)
+    for check in checks:
+        metrics.log_metric(f"{check.table}_check_{check.check}", check.share)
+    (Path(curated.path) / "quality.json").write_text(
+        write_quality_json(checks, quality), encoding="utf-8"
+    )
     curated.metadata.update({k: r.rows_kept for k, r in result.tables.items()})
     curated.metadata["key_id"] = result.key_id
     curated.metadata["column_transforms"] = COLUMN_TRANSFORMS
@@ -570,4 +638,5 @@ def clean(
     quarantine.metadata.update(
         {k: r.rows_quarantined for k, r in result.tables.items()}
     )
-    Path(report.path).write_text(render_report(result), encoding="utf-8")
+    Path(report.path).write_text(render_report(result, checks), encoding="utf-8")
+    enforce_gates(checks)

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +25,10 @@ import pyarrow.parquet as pq
 from kfp import dsl
 
 from components.common import stage_component
-from shopml.datasets import fetch_movielens_100k, read_table_file
-from shopml.schemas import SOURCE_FILE, SOURCE_ROW, coerce_table
+from shopml.assets import AssetStore
+from shopml.datasets import fetch_movielens_100k, iter_table_file
+from shopml.lineage import LineageDataset, parquet_dataset, start_run
+from shopml.schemas import SOURCE_FILE, SOURCE_ROW, classify_columns, coerce_table
 
 logger = logging.getLogger(__name__)
 
@@ -85,21 +88,26 @@ def ingest_sources(
                 "source 'movielens-100k' takes no file paths; use source 'files' to "
                 "ingest your own events/catalog/users"
             )
+        rows: dict[str, int] = {}
+        tables: dict[str, pa.Table]
         if cache_dir is not None:
             tables, inputs = _movielens_tables(cache_dir)
         else:
             with tempfile.TemporaryDirectory(prefix="shopml-movielens-") as tmp:
                 tables, inputs = _movielens_tables(Path(tmp))
     elif source == "files":
-        tables, inputs = _file_tables(events_path, catalog_path, users_path)
+        tables = {}
+        rows, inputs = _stream_files(events_path, catalog_path, users_path, out_dir)
     else:
         raise ValueError(f"source {source!r} is unknown; use one of {list(SOURCES)}")
 
-    files, rows = {}, {}
+    files = {kind: out_dir / f"{kind}.parquet" for kind in rows}
     for kind, table in tables.items():
         files[kind] = out_dir / f"{kind}.parquet"
         pq.write_table(table, files[kind])
         rows[kind] = table.num_rows
+    run = start_run("ingest", [LineageDataset(name=i) for i in inputs])
+    run.complete([parquet_dataset(path) for path in files.values()])
     logger.info(
         "ingest source=%s rows=%s inputs=%s in %.1f s",
         source,
@@ -129,9 +137,10 @@ def _with_origin(table: pa.Table, source_file: str) -> pa.Table:
     )
 
 
-def _file_tables(
-    events_path: str, catalog_path: str, users_path: str
-) -> tuple[dict[str, pa.Table], list[str]]:
+def _stream_files(
+    events_path: str, catalog_path: str, users_path: str, out_dir: Path
+) -> tuple[dict[str, int], list[str]]:
+    """Stream each file into ``out_dir/<kind>.parquet`` chunk by chunk."""
     required = {"events": events_path, "catalog": catalog_path}
     missing = [kind for kind, path in required.items() if not path]
     if missing:
@@ -141,15 +150,81 @@ def _file_tables(
         )
     paths = dict(required, users=users_path) if users_path else required
 
-    tables, inputs = {}, []
+    rows, inputs = {}, []
     for kind, path_text in paths.items():
         path = Path(path_text)
         if not path.is_file():
             raise FileNotFoundError(f"{kind} file {path_text!r} does not exist")
-        tables[kind] = read_table_file(path, kind)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        inputs.append(f"{path.name}@{digest}")
-    return tables, inputs
+        rows[kind] = _write_chunks(
+            iter_table_file(path, kind), out_dir / f"{kind}.parquet"
+        )
+        inputs.append(f"{path.name}@{file_digest(path)[:16]}")
+    return rows, inputs
+
+
+def _write_chunks(chunks: Iterator[pa.Table], target: Path) -> int:
+    """Write chunks of one schema to a Parquet file; returns the row count."""
+    total = 0
+    writer: pq.ParquetWriter | None = None
+    try:
+        for chunk in chunks:
+            if writer is None:
+                writer = pq.ParquetWriter(target, chunk.schema)
+            writer.write_table(chunk.cast(writer.schema))
+            total += chunk.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return total
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+RAW_PREFIX = "raw_"
+
+
+def register_raw_tables(
+    raw_dir: Path, assets: AssetStore, inputs: list[str], *, producer: str
+) -> list[str]:
+    """Store the ingested tables as ``raw_<kind>`` assets in zone ``raw``.
+
+    Lineage then starts at the source file: each raw asset's inputs are the sources
+    (``file@sha256``), and later stages name the raw assets as their inputs.
+
+    Args:
+        raw_dir: the folder :func:`ingest_sources` wrote.
+        assets: the asset store.
+        inputs: lineage of the sources.
+        producer: the stage or run that writes.
+
+    Returns:
+        The raw assets' refs (``raw_events@<version>``, ...).
+    """
+    refs = []
+    for kind in ("events", "catalog", "users"):
+        path = raw_dir / f"{kind}.parquet"
+        if not path.is_file():
+            continue
+        table = pq.read_table(path)
+        asset = assets.put_table(
+            RAW_PREFIX + kind,
+            "raw",
+            table,
+            owner="shopml-data",
+            classification=classify_columns(kind, table.column_names),
+            producer=producer,
+            inputs=list(inputs),
+            quality={"rows": table.num_rows},
+        )
+        refs.append(asset.ref)
+    return refs
 
 
 @stage_component
@@ -165,7 +240,8 @@ def ingest(
     import tempfile
     from pathlib import Path
 
-    from components.ingest import ingest_sources
+    from components.ingest import ingest_sources, register_raw_tables
+    from shopml.assets import asset_store_from_settings
     from shopml.config import load_settings
     from shopml.logs import configure_logging
     from shopml.storage import download_uri
@@ -192,4 +268,9 @@ def ingest(
         )
     raw.metadata.update({f"{kind}_rows": n for kind, n in result.rows.items()})
     raw.metadata["source"] = source
-    raw.metadata["inputs"] = result.inputs
+    assets = asset_store_from_settings(settings)
+    refs = register_raw_tables(
+        Path(raw.path), assets, result.inputs, producer="kfp:ingest"
+    )
+    raw.metadata["sources"] = result.inputs
+    raw.metadata["inputs"] = refs

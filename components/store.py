@@ -8,6 +8,7 @@ nothing new. The KFP component :func:`store` hands the curated tables on to late
 stages with ``versions.json`` naming what was stored.
 """
 
+import json
 import logging
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from kfp import dsl
 
 from components.common import stage_component
 from shopml.assets import AssetStore, AssetVersion
+from shopml.lineage import asset_dataset, parquet_dataset, start_run
 from shopml.schemas import classify_columns
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,10 @@ def store_tables(
         FileNotFoundError: curated events or catalog are missing.
     """
     stored: dict[str, AssetVersion] = {}
+    run = start_run(
+        "store", [parquet_dataset(p) for p in sorted(curated_dir.glob("*.parquet"))]
+    )
+    checks = _checks(curated_dir / "quality.json")
     for kind in TABLES:
         path = curated_dir / f"{kind}.parquet"
         if not path.is_file():
@@ -89,10 +95,20 @@ def store_tables(
             producer=producer,
             inputs=list(inputs),
             quality=_quality(table.num_rows, stored.get(quarantine_name))
-            | (transforms or {}),
+            | (transforms or {})
+            | ({"checks": checks[kind]} if kind in checks else {}),
         )
     logger.info("stored %s", ", ".join(v.ref for v in stored.values()))
+    run.complete([asset_dataset(v) for v in stored.values()])
     return stored
+
+
+def _checks(path: Path) -> dict[str, object]:
+    """Per-table quality checks from the clean stage's ``quality.json``, if any."""
+    if not path.is_file():
+        return {}
+    tables: dict[str, object] = json.loads(path.read_text(encoding="utf-8"))["tables"]
+    return tables
 
 
 def quarantine_classes(kind: str, names: list[str]) -> dict[str, str]:

@@ -18,9 +18,10 @@ from kfp import dsl
 
 from components.common import stage_component
 from shopml.artifact import save_model_artifact
+from shopml.features import split_for_training
 from shopml.models.baselines import PopularityRecommender
 from shopml.models.sasrec import SASRecConfig
-from shopml.sequences import LeaveOneOutSplit, split_events
+from shopml.sequences import LeaveOneOutSplit
 from shopml.training import TrainConfig, TrainResult, train_sasrec
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,10 @@ class TrainParams:
         device: ``auto``, ``cpu`` or ``cuda``.
         seed: random seed.
         show_progress: progress bar; ``None`` follows ``SHOPML_PROGRESS``.
+        source: training histories from ``events`` (full histories) or ``feast``
+            (point-in-time sequences from the offline feature store, as long as the
+            features stage's max_seq_len; the features stage must run first). The
+            validation and test targets are leave-one-out by time either way.
     """
 
     epochs: int = 200
@@ -64,6 +69,7 @@ class TrainParams:
     device: str = "auto"
     seed: int = 42
     show_progress: bool | None = None
+    source: str = "events"
 
 
 @dataclass
@@ -200,7 +206,7 @@ def train_model(
     params = params or TrainParams()
     events, catalog = read_curated(curated_dir)
     logger.info("train start events=%d catalog=%d", len(events), len(catalog))
-    split = split_events(events, catalog)
+    split = split_for_training(events, catalog, params.source)
     model_config, train_config = _configs(params, split.n_items)
 
     result = train_sasrec(split, model_config, train_config)
@@ -238,6 +244,7 @@ def train(
     loss: str = "ce",
     device: str = "auto",
     seed: int = 42,
+    source: str = "events",
 ) -> None:
     """Train the SASRec recommender and write the model artifact folder.
 
@@ -254,6 +261,7 @@ def train(
         loss: ``ce`` (full softmax), ``sampled`` or ``bce``.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         seed: random seed.
+        source: training histories from ``events`` or ``feast`` (point-in-time).
     """
     import os
     from pathlib import Path
@@ -271,8 +279,16 @@ def train(
         loss=loss,
         device=device,
         seed=seed,
+        source=source,
     )
     os.makedirs(model.path, exist_ok=True)
     summary = train_model(Path(curated.path), Path(model.path), params)
     for name, value in summary.metrics().items():
         metrics.log_metric(name, value)
+
+    from shopml.assets import asset_store_from_settings, register_model
+    from shopml.config import load_settings
+
+    assets = asset_store_from_settings(load_settings())
+    asset = register_model(assets, Path(model.path), Path(curated.path))
+    model.metadata["asset"] = asset.ref

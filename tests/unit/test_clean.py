@@ -109,7 +109,7 @@ def test_event_type_case_and_whitespace_are_repaired_and_counted(
     )
     result, curated, _ = run_clean(tmp_path, events, CATALOG_HEADER + GOOD_ITEM)
 
-    assert result.tables["events"].repairs == {"event_type": 1}
+    assert result.tables["events"].repairs == {"event_type": 1, "whitespace": 2}
     assert result.tables["events"].rows_quarantined == 0
     kept = pq.read_table(curated / "events.parquet").to_pylist()
     assert sorted(k["event_type"] for k in kept) == ["click", "view"]
