@@ -125,8 +125,14 @@ def run_local_pipeline(settings: Settings, arguments: dict[str, Any]) -> Pipelin
 
     # kfp.local warns that our image is not a plain Python image; locally the
     # components run in this environment, which is exactly what the image holds.
+    # Resources, GPUs and retries are cluster settings; kfp.local says it ignores them.
     warnings.filterwarnings(
         "ignore", message="You may be attemping to run a task", category=RuntimeWarning
+    )
+    warnings.filterwarnings(
+        "ignore",
+        message=".*have no effect in the current local runner",
+        category=UserWarning,
     )
     started = time.monotonic()
     before = set(pipeline_root.glob(f"{PIPELINE_NAME}-*"))
