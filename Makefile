@@ -14,7 +14,7 @@ IMAGE_TAG ?= 0.1.0
 TORCH_VARIANT ?= cpu
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-unit test-integration lint format typecheck compile serve services images bench-data clean
+.PHONY: help install run test test-unit test-integration lint format typecheck compile serve services images bench-data bench-features clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ serve: install ## Serve the latest trained model on 127.0.0.1:8080
 
 bench-data: install ## Benchmark ingest -> clean -> store of 10 M synthetic events
 	$(BIN)/python benchmarks/bench_data.py --events 10000000
+
+bench-features: install services ## p50/p99 of one user's serving features from Redis, vs raw redis-py
+	$(BIN)/python benchmarks/bench_features.py
 
 images: ## Build the component and serving images (needs a container engine)
 	$(CONTAINER_TOOL) build -f images/Dockerfile.components --build-arg TORCH_VARIANT=$(TORCH_VARIANT) -t $(IMAGE_REGISTRY)/shopml:$(IMAGE_TAG) .

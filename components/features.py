@@ -46,6 +46,8 @@ from feature_repo import (
     ITEM_SEQ_LEN,
     ITEM_STATS,
     ITEM_STRING_FEATURES,
+    MAX_SEEN_ITEMS,
+    SEEN_ITEMS,
     TIMESTAMP_FIELD,
     USER_ACTIVITY,
     USER_ACTIVITY_FLOAT_DEFAULTS,
@@ -239,8 +241,19 @@ def user_activity_table(
         table[USER_ACTIVITY_INT_FEATURES].fillna(0).astype("int64")
     )
     table["avg_price"] = table["avg_price"].astype("float64")
+    table[SEEN_ITEMS] = _seen_items(events).reindex(table.index)
+    table[SEEN_ITEMS] = [v if isinstance(v, list) else [] for v in table[SEEN_ITEMS]]
     table[TIMESTAMP_FIELD] = as_of
     return table.rename_axis(USER_JOIN_KEY).reset_index()
+
+
+def _seen_items(events: pd.DataFrame) -> pd.Series:
+    """Each user's distinct item ids, most recent last, at most ``MAX_SEEN_ITEMS``."""
+    ordered = _item_events(events).sort_values(["user_id", "timestamp", "item_id"])
+    latest = ordered.drop_duplicates(["user_id", "item_id"], keep="last")
+    return latest.groupby("user_id")["item_id"].agg(
+        lambda items: [str(i) for i in items][-MAX_SEEN_ITEMS:]
+    )
 
 
 def item_stats_table(

@@ -38,6 +38,13 @@ WINDOWS: dict[str, int | None] = {"7d": 7, "30d": 30, "all": None}
 ITEM_SEQ = "item_seq"
 ITEM_SEQ_LEN = "item_seq_len"
 
+# Feature of ``user_activity``: every distinct item the user ever touched, so serving
+# never recommends one of them, however long ago (``item_seq`` holds only the last N).
+SEEN_ITEMS = "seen_items"
+MAX_SEEN_ITEMS = (
+    10_000  # a user beyond this is a bot or a buyer account: keep the newest
+)
+
 
 def user_activity_count_features() -> list[str]:
     """Names of the integer count features of ``user_activity``.

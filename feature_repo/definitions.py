@@ -40,6 +40,7 @@ from feature_repo import (
     RECOMMENDER_SERVING,
     RECOMMENDER_TRAINING,
     SEARCH_SERVING,
+    SEEN_ITEMS,
     TIMESTAMP_FIELD,
     USER,
     USER_ACTIVITY,
@@ -141,7 +142,8 @@ def build_repo(offline_root: str, s3_endpoint: str | None = None) -> FeatureRepo
         entities=[user],
         ttl=NO_TTL,
         schema=[Field(name=name, dtype=Int64) for name in USER_ACTIVITY_INT_FEATURES]
-        + [Field(name=name, dtype=Float64) for name in USER_ACTIVITY_FLOAT_DEFAULTS],
+        + [Field(name=name, dtype=Float64) for name in USER_ACTIVITY_FLOAT_DEFAULTS]
+        + [Field(name=SEEN_ITEMS, dtype=Array(String))],
         source=activity_source,
         online=True,
         description="user event counts in 7d/30d/all windows up to the reference time",

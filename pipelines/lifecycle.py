@@ -43,6 +43,7 @@ def lifecycle_pipeline(
     events_uri: str = "",
     catalog_uri: str = "",
     users_uri: str = "",
+    train_source: str = "events",
     epochs: int = 200,
     max_seq_len: int = 50,
     hidden_size: int = 64,
@@ -64,6 +65,8 @@ def lifecycle_pipeline(
         events_uri: events file (CSV, JSONL or Parquet) when ``source`` is ``files``.
         catalog_uri: catalog file when ``source`` is ``files``.
         users_uri: optional users file when ``source`` is ``files``.
+        train_source: where training sequences come from: ``events`` (the curated
+            events) or ``feast`` (point-in-time joins from the offline feature store).
         epochs: upper bound on training epochs (early stopping usually ends sooner).
         max_seq_len: number of most recent items the recommender reads per user.
         hidden_size: width of the Transformer.
@@ -102,6 +105,7 @@ def lifecycle_pipeline(
     transient(on_cluster(features_task, memory="4Gi"))
     train_task = train(
         curated=curated,
+        source=train_source,
         epochs=epochs,
         max_seq_len=max_seq_len,
         hidden_size=hidden_size,
@@ -111,6 +115,8 @@ def lifecycle_pipeline(
         device=device,
         seed=seed,
     )
+    # Feast-sourced training reads the offline store the features stage writes.
+    train_task.after(features_task)
     on_gpu(on_cluster(train_task, cpu="4", memory="8Gi"), gpus)
     evaluate_task = evaluate(
         curated=curated, model=train_task.outputs["model"], min_lift=min_lift

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from shopml.cli_assets import assets_app, synth
+from shopml.cli_features import events_app
 from shopml.cli_security import audit_app, forget, security_app
 from shopml.config import Settings, load_settings
 from shopml.logs import configure_logging
@@ -35,6 +36,7 @@ pipeline_app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(assets_app, name="assets")
+app.add_typer(events_app, name="events")
 app.add_typer(audit_app, name="audit")
 app.add_typer(security_app, name="security")
 app.command("forget")(forget)

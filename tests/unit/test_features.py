@@ -137,6 +137,20 @@ def test_user_sequence_keeps_only_the_newest_max_seq_len(
     assert short.user_sequence(USER_A) == ["i4", "i5"]
 
 
+def test_seen_items_cover_history_beyond_the_sequence_window(
+    built: tuple[Settings, Any],
+) -> None:
+    settings, _ = built
+    short = OnlineFeatureClient.from_settings(settings, max_seq_len=2)
+
+    features_a, unknown = short.serving_features_batch([USER_A, "u_" + "0" * 32])
+
+    assert features_a.item_seq == ["i4", "i5"]
+    assert features_a.excluded_items == {"i1", "i2", "i3", "i4", "i5"}
+    assert unknown.item_seq == []
+    assert unknown.excluded_items == set()
+
+
 def test_unknown_user_gets_empty_sequence_and_default_activity(
     client: OnlineFeatureClient,
 ) -> None:
@@ -272,7 +286,7 @@ def test_second_run_on_same_data_changes_nothing_online(tmp_path: Path) -> None:
 
     assert again.materialization == "incremental"
     assert online_rows(settings) == before
-    assert len(before["user_activity"]) == 2 * 24  # two users x every activity feature
+    assert len(before["user_activity"]) == 2 * 25  # two users x 24 activity features + seen
 
 
 def test_incremental_run_picks_up_new_events(tmp_path: Path) -> None:
