@@ -1,11 +1,24 @@
-"""Deploy stage: serve a model artifact with KServe's ModelServer, wait until Ready.
+"""Deploy stage: serve a model locally with KServe's ModelServer, or roll it out to a
+cluster as a KServe ``InferenceService`` canary.
 
-The core ``deploy_local`` starts ``python -m serving`` as a detached process on
+Locally, ``deploy_local`` starts ``python -m serving`` as a detached process on
 127.0.0.1 (it outlives the pipeline task that started it), waits until
 ``GET /v1/models/<name>`` reports the model ready, and records the server in
-``$SHOPML_HOME/runs/server.json``; ``stop_local`` ends it. ``deploy_model`` picks the
-target. Deploying an InferenceService to a cluster is not built yet (see
-``deploy_model``). ``deploy`` below is the thin KFP component around the core.
+``$SHOPML_HOME/runs/server.json``; ``stop_local`` ends it.
+
+On a cluster, ``deploy_kserve`` reads the live ``InferenceService`` through the
+``kubernetes`` client and creates it (the first model takes all traffic) or merge-patches
+it: the new ``storageUri`` with ``canaryTrafficPercent`` set, so KServe routes that share
+to the new revision and the rest to the previous one. Objects and patches are built with
+the ``kserve`` SDK's typed models (``V1beta1InferenceService``, ...). Rollout state lives
+in annotations (``shopml.io/stable-storage-uri``, ``shopml.io/canary-storage-uri``,
+``shopml.io/rollout-decision``) so that every later step (a new canary, promote,
+rollback: ``traffic_patch``, used by :mod:`shopml.canary`) is computed from the live
+object alone; repeating a step changes nothing. ``deploy_model`` picks the target;
+``deploy`` below is the thin KFP component around it.
+
+The module runs past 500 lines because the local server and the cluster rollout are the
+two halves of one stage and share its result type.
 """
 
 import json
@@ -16,8 +29,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from kfp import dsl
@@ -116,7 +131,11 @@ def _wait_ready(
 
 
 def _server_command(
-    model_dir: Path, port: int, name: str, use_feature_store: bool
+    model_dir: Path,
+    port: int,
+    name: str,
+    use_feature_store: bool,
+    extra_args: Sequence[str] = (),
 ) -> list[str]:
     command = [
         sys.executable, "-m", "serving", "--model-dir", str(model_dir),
@@ -124,7 +143,7 @@ def _server_command(
     ]  # fmt: skip
     if not use_feature_store:
         command.append("--no-feature-store")
-    return command
+    return [*command, *extra_args]
 
 
 def deploy_local(
@@ -135,6 +154,7 @@ def deploy_local(
     log_path: Path | None = None,
     timeout_s: float = 60,
     use_feature_store: bool = True,
+    extra_args: Sequence[str] = (),
 ) -> LocalDeployment:
     """Start the recommender server on 127.0.0.1 and wait until the model is Ready.
 
@@ -150,6 +170,8 @@ def deploy_local(
         timeout_s: how long to wait for readiness.
         use_feature_store: read user histories from the online store; ``False`` serves
             only requests that send ``item_ids``.
+        extra_args: further ``python -m serving`` options (``--catalog``,
+            ``--max-in-flight``, ...).
 
     Returns:
         The running deployment.
@@ -167,7 +189,9 @@ def deploy_local(
     started = time.monotonic()
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
-            _server_command(Path(model_dir).resolve(), port, name, use_feature_store),
+            _server_command(
+                Path(model_dir).resolve(), port, name, use_feature_store, extra_args
+            ),
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -285,35 +309,411 @@ def stop_local(deployment_or_pid: LocalDeployment | int, timeout_s: float = 15) 
     )
 
 
+# --- a cluster: the InferenceService and its canary ---------------------------------
+
+ISVC_GROUP = "serving.kserve.io"
+ISVC_VERSION = "v1beta1"
+ISVC_PLURAL = "inferenceservices"
+ANNOTATION_STABLE = "shopml.io/stable-storage-uri"
+ANNOTATION_CANARY = "shopml.io/canary-storage-uri"
+ANNOTATION_DECISION = "shopml.io/rollout-decision"
+DECISIONS = ("initial", "canary", "promoted", "rolled-back")
+_MODEL_CONTAINER = "kserve-container"
+
+
+@dataclass(frozen=True)
+class ClusterTarget:
+    """The InferenceService a model is rolled out to (see manifests/base/serving).
+
+    Attributes:
+        name: the InferenceService name (and the model name in its URLs).
+        namespace: its namespace.
+        runtime: the ``ServingRuntime`` that runs ``python -m serving``.
+        model_format: the model format the runtime declares.
+        model_format_version: its version.
+        service_account: the predictor's service account (S3 credentials).
+        canary_percent: traffic share, 1..99, that a new model version gets first.
+    """
+
+    name: str = "recommender"
+    namespace: str = "shopml"
+    runtime: str = "shopml"
+    model_format: str = "shopml-sasrec"
+    model_format_version: str = "1"
+    service_account: str = "shopml-predictor"
+    canary_percent: int = 10
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.canary_percent <= 99:
+            raise ValueError(
+                f"canary_percent={self.canary_percent} must be between 1 and 99; "
+                "100 is a promotion and 0 a rollback"
+            )
+
+    @property
+    def endpoint(self) -> str:
+        """The cluster-internal v1 model URL of the InferenceService."""
+        return (
+            f"http://{self.name}-predictor.{self.namespace}.svc.cluster.local"
+            f"/v1/models/{self.name}"
+        )
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """What ``deploy_kserve`` does to the cluster, or would do on a dry run.
+
+    Attributes:
+        action: ``create``, ``patch`` or ``unchanged``.
+        body: the full object (create) or the merge patch (patch); ``{}`` otherwise.
+        stable_uri: the model version serving the traffic the canary does not get.
+        canary_uri: the new version, ``""`` when it takes all traffic.
+    """
+
+    action: str
+    body: dict[str, Any]
+    stable_uri: str
+    canary_uri: str
+
+
+def _serialize(obj: Any) -> dict[str, Any]:
+    """A kserve/kubernetes typed model as the JSON the API server receives."""
+    from kubernetes.client import ApiClient
+
+    return dict(ApiClient().sanitize_for_serialization(obj))
+
+
+def _model_spec(target: ClusterTarget, storage_uri: str) -> Any:
+    from kserve import V1beta1ModelFormat, V1beta1ModelSpec
+
+    return V1beta1ModelSpec(
+        name=_MODEL_CONTAINER,
+        runtime=target.runtime,
+        model_format=V1beta1ModelFormat(
+            name=target.model_format, version=target.model_format_version
+        ),
+        storage_uri=storage_uri,
+    )
+
+
+def _annotations(stable: str, canary: str, decision: str) -> dict[str, str]:
+    return {
+        ANNOTATION_STABLE: stable,
+        ANNOTATION_CANARY: canary,
+        ANNOTATION_DECISION: decision,
+    }
+
+
+def build_inference_service(target: ClusterTarget, storage_uri: str) -> dict[str, Any]:
+    """The InferenceService of a first rollout: one model, all traffic.
+
+    Args:
+        target: where it goes.
+        storage_uri: the model version.
+
+    Returns:
+        The object as JSON, built from ``kserve.V1beta1InferenceService``.
+    """
+    from kserve import (
+        V1beta1InferenceService,
+        V1beta1InferenceServiceSpec,
+        V1beta1PredictorSpec,
+    )
+    from kubernetes.client import V1ObjectMeta
+
+    service = V1beta1InferenceService(
+        api_version=f"{ISVC_GROUP}/{ISVC_VERSION}",
+        kind="InferenceService",
+        metadata=V1ObjectMeta(
+            name=target.name,
+            namespace=target.namespace,
+            annotations=_annotations(storage_uri, "", "initial"),
+        ),
+        spec=V1beta1InferenceServiceSpec(
+            predictor=V1beta1PredictorSpec(
+                service_account_name=target.service_account,
+                model=_model_spec(target, storage_uri),
+            )
+        ),
+    )
+    return _serialize(service)
+
+
+def _patch(
+    annotations: dict[str, str],
+    canary_percent: int,
+    model: Any = None,
+) -> dict[str, Any]:
+    """A merge patch of annotations, ``canaryTrafficPercent`` and maybe the model."""
+    from kserve import (
+        V1beta1InferenceService,
+        V1beta1InferenceServiceSpec,
+        V1beta1PredictorSpec,
+    )
+    from kubernetes.client import V1ObjectMeta
+
+    patch = V1beta1InferenceService(
+        metadata=V1ObjectMeta(annotations=annotations),
+        spec=V1beta1InferenceServiceSpec(
+            predictor=V1beta1PredictorSpec(
+                canary_traffic_percent=canary_percent, model=model
+            )
+        ),
+    )
+    return _serialize(patch)
+
+
+def live_rollout(live: dict[str, Any]) -> tuple[str, str, str]:
+    """``(stable_uri, canary_uri, decision)`` of a live InferenceService.
+
+    An object this module did not create is read as stable on its ``storageUri``.
+    """
+    annotations = live.get("metadata", {}).get("annotations") or {}
+    current = live["spec"]["predictor"]["model"]["storageUri"]
+    return (
+        annotations.get(ANNOTATION_STABLE) or current,
+        annotations.get(ANNOTATION_CANARY, ""),
+        annotations.get(ANNOTATION_DECISION, "initial"),
+    )
+
+
+def plan_rollout(
+    target: ClusterTarget, storage_uri: str, live: dict[str, Any] | None
+) -> RolloutPlan:
+    """What to send so that ``storage_uri`` goes out as a canary.
+
+    Args:
+        target: the InferenceService.
+        storage_uri: the new model version.
+        live: the object as the API server returns it, ``None`` when absent.
+
+    Returns:
+        ``create`` (first model, all traffic), ``patch`` (new canary at
+        ``target.canary_percent``, the stable version keeps the rest), or
+        ``unchanged`` (this version is already the canary or the stable one).
+    """
+    if live is None:
+        body = build_inference_service(target, storage_uri)
+        return RolloutPlan("create", body, storage_uri, "")
+    stable, canary, decision = live_rollout(live)
+    if storage_uri in (canary, stable) and decision != "rolled-back":
+        return RolloutPlan("unchanged", {}, stable, canary)
+
+    body = _patch(
+        _annotations(stable, storage_uri, "canary"),
+        target.canary_percent,
+        _model_spec(target, storage_uri),
+    )
+    return RolloutPlan("patch", body, stable, storage_uri)
+
+
+def traffic_patch(live: dict[str, Any], decision: str) -> dict[str, Any]:
+    """The merge patch that applies a canary decision; ``{}`` when already applied.
+
+    ``promoted`` sends 100 % to the canary and makes it the stable version;
+    ``rolled-back`` sends 0 % to it, so KServe routes everything to the previous
+    revision (the stable version, recorded in the annotations).
+
+    Args:
+        live: the InferenceService as the API server returns it.
+        decision: ``promoted`` or ``rolled-back``.
+
+    Returns:
+        The patch, built from ``kserve.V1beta1InferenceService``.
+
+    Raises:
+        ValueError: an unknown decision, or no canary to decide on.
+    """
+    if decision not in ("promoted", "rolled-back"):
+        raise ValueError(
+            f"decision={decision!r} is not a canary decision; use 'promoted' or "
+            "'rolled-back'"
+        )
+    stable, canary, current = live_rollout(live)
+    if current == decision:
+        return {}
+    if not canary:
+        raise ValueError(
+            f"InferenceService {live['metadata']['name']} has no canary to mark "
+            f"{decision} (last decision: {current})"
+        )
+    if decision == "promoted":
+        return _patch(_annotations(canary, "", "promoted"), 100)
+    return _patch(_annotations(stable, canary, "rolled-back"), 0)
+
+
+def kubernetes_api(kubeconfig: str | None = None, context: str | None = None) -> Any:
+    """A ``CustomObjectsApi`` from a kubeconfig, or the pod's service account.
+
+    Args:
+        kubeconfig: kubeconfig file; ``None`` tries the pod's service account first,
+            then ``$KUBECONFIG`` / ``~/.kube/config``.
+        context: kubeconfig context; ``None`` for the current one.
+
+    Raises:
+        kubernetes.config.ConfigException: no usable configuration was found.
+    """
+    from kubernetes import client, config
+
+    if kubeconfig is None:
+        try:
+            config.load_incluster_config()
+            return client.CustomObjectsApi()
+        except config.ConfigException:
+            pass
+    api_client = config.new_client_from_config(config_file=kubeconfig, context=context)
+    return client.CustomObjectsApi(api_client)
+
+
+def read_inference_service(api: Any, target: ClusterTarget) -> dict[str, Any] | None:
+    """The live InferenceService, or ``None`` when it does not exist."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return dict(
+            api.get_namespaced_custom_object(
+                ISVC_GROUP, ISVC_VERSION, target.namespace, ISVC_PLURAL, target.name
+            )
+        )
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+
+
+def patch_inference_service(
+    api: Any, target: ClusterTarget, body: dict[str, Any]
+) -> dict[str, Any]:
+    """Merge-patch the InferenceService and return it as stored."""
+    return dict(
+        api.patch_namespaced_custom_object(
+            ISVC_GROUP, ISVC_VERSION, target.namespace, ISVC_PLURAL, target.name, body
+        )
+    )
+
+
+def deploy_kserve(
+    storage_uri: str,
+    target: ClusterTarget,
+    *,
+    api: Any = None,
+    dry_run: bool = False,
+) -> RolloutPlan:
+    """Create or patch the InferenceService so that ``storage_uri`` goes out.
+
+    Args:
+        storage_uri: the model version (``s3://<bucket>/models/<name>/<version>``).
+        target: the InferenceService.
+        api: a ``kubernetes.client.CustomObjectsApi``; default ``kubernetes_api()``.
+        dry_run: only compute the plan; the live object is still read.
+
+    Returns:
+        The plan, applied unless ``dry_run``.
+
+    Raises:
+        kubernetes.client.exceptions.ApiException: the API server refused.
+    """
+    api = api or kubernetes_api()
+    live = read_inference_service(api, target)
+    plan = plan_rollout(target, storage_uri, live)
+    if dry_run or plan.action == "unchanged":
+        logger.info(
+            "rollout %s isvc=%s/%s action=%s",
+            "planned" if dry_run else "skipped",
+            target.namespace,
+            target.name,
+            plan.action,
+        )
+        return plan
+
+    if plan.action == "create":
+        api.create_namespaced_custom_object(
+            ISVC_GROUP, ISVC_VERSION, target.namespace, ISVC_PLURAL, plan.body
+        )
+    else:
+        patch_inference_service(api, target, plan.body)
+    logger.info(
+        "rollout applied isvc=%s/%s action=%s canary_percent=%s",
+        target.namespace,
+        target.name,
+        plan.action,
+        target.canary_percent if plan.canary_uri else 100,
+    )
+    return plan
+
+
+def wait_for_ready(
+    api: Any, target: ClusterTarget, timeout_s: float = 300
+) -> dict[str, Any]:
+    """Poll the InferenceService until its Ready condition is True.
+
+    Returns:
+        The ready object.
+
+    Raises:
+        DeploymentError: not Ready within ``timeout_s``; the message quotes the last
+            conditions.
+    """
+    deadline = time.monotonic() + timeout_s
+    conditions: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        live = read_inference_service(api, target) or {}
+        conditions = (live.get("status") or {}).get("conditions") or []
+        if any(
+            c.get("type") == "Ready" and c.get("status") == "True" for c in conditions
+        ):
+            return live
+        time.sleep(_POLL_S)
+    raise DeploymentError(
+        f"InferenceService {target.namespace}/{target.name} was not Ready after "
+        f"{timeout_s:.0f} s; conditions: {conditions}"
+    )
+
+
 def deploy_model(
-    model_dir: Path, target: str = "local", port: int = 0, name: str = "recommender"
+    model_dir: Path,
+    target: str = "local",
+    port: int = 0,
+    name: str = "recommender",
+    *,
+    storage_uri: str = "",
+    cluster: ClusterTarget | None = None,
+    api: Any = None,
 ) -> str:
     """Deploy a model artifact to a target and return its v1 model URL.
 
     Args:
-        model_dir: the model artifact folder.
+        model_dir: the model artifact folder (served locally).
         target: ``local`` (a ModelServer on this machine) or ``kserve`` (a cluster).
         port: HTTP port of a local server; 0 picks a free one.
         name: the model name in the URLs.
+        storage_uri: ``kserve`` only: where the cluster finds the model version,
+            ``s3://<bucket>/models/<name>/<version>``.
+        cluster: ``kserve`` only: the InferenceService to roll out to; default
+            ``ClusterTarget(name=name)``.
+        api: ``kserve`` only: a ``kubernetes.client.CustomObjectsApi``; default
+            from the kubeconfig or the pod's service account.
 
     Returns:
-        The v1 model URL, ``http://127.0.0.1:<port>/v1/models/<name>`` locally.
+        The v1 model URL: ``http://127.0.0.1:<port>/v1/models/<name>`` locally, the
+        cluster-internal URL of the InferenceService on ``kserve``.
 
     Raises:
-        NotImplementedError: ``target`` is ``kserve``.
-        ValueError: ``target`` is not one of ``TARGETS``.
+        ValueError: ``target`` is not one of ``TARGETS``, or ``kserve`` without a
+            ``storage_uri``.
         DeploymentError: the local server did not become ready.
     """
     if target == "local":
         return deploy_local(model_dir, port=port, name=name).endpoint
     if target == "kserve":
-        # Not built yet: creating the InferenceService through the Kubernetes API.
-        raise NotImplementedError(
-            "deploying an InferenceService to a cluster is not built yet; see issue 8. "
-            "Meanwhile upload the model folder to the models zone and apply the "
-            "InferenceService manifests yourself "
-            "(kubectl apply -k manifests/overlays/<env>)"
-        )
+        if not storage_uri:
+            raise ValueError(
+                "target='kserve' needs storage_uri, the model version in the object "
+                "store (s3://<bucket>/models/<name>/<version>)"
+            )
+        cluster = cluster or ClusterTarget(name=name)
+        deploy_kserve(storage_uri, cluster, api=api)
+        return cluster.endpoint
     raise ValueError(f"target={target!r} is not a deploy target; use one of {TARGETS}")
 
 
@@ -323,6 +723,8 @@ def deploy(
     features: dsl.Input[dsl.Dataset],
     target: str = "local",
     port: int = 0,
+    storage_uri: str = "",
+    canary_percent: int = 10,
 ) -> str:
     """Serve the trained model and return its v1 model URL.
 
@@ -330,16 +732,25 @@ def deploy(
         model: the model artifact folder from the train stage.
         features: the features stage output; taken only so that the online store is
             materialized before the server reads user histories from it.
-        target: ``local`` or ``kserve`` (not built yet).
+        target: ``local`` or ``kserve`` (a canary of the InferenceService).
         port: HTTP port of a local server; 0 picks a free one.
+        storage_uri: ``kserve`` only: the model version in the object store.
+        canary_percent: ``kserve`` only: the new version's first traffic share.
 
     Returns:
         The v1 model URL (append ``:predict``).
     """
     from pathlib import Path
 
-    from components.deploy import deploy_model
+    from components.deploy import ClusterTarget, deploy_model
     from shopml.logs import configure_logging
 
     configure_logging()
-    return deploy_model(Path(model.path), target=target, port=port)
+    cluster = ClusterTarget(canary_percent=canary_percent)
+    return deploy_model(
+        Path(model.path),
+        target=target,
+        port=port,
+        storage_uri=storage_uri,
+        cluster=cluster if target == "kserve" else None,
+    )

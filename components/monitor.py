@@ -524,3 +524,57 @@ def monitor(
     Path(report.path).parent.mkdir(parents=True, exist_ok=True)
     Path(report.path).write_text(render_report(result, endpoint))
     result.raise_for_failures()
+
+
+@stage_component
+def drift_monitor(
+    reference: dsl.Input[dsl.Dataset],
+    current: dsl.Input[dsl.Dataset],
+    metrics: dsl.Output[dsl.Metrics],
+    report: dsl.Output[dsl.HTML],
+    retrain: bool = False,
+    kfp_host: str = "",
+) -> bool:
+    """Compare current events with the training events; retrain when they drifted.
+
+    Args:
+        reference: curated folder the model was trained on (``events.parquet``).
+        current: folder with the events since (``events.parquet``, and optionally
+            ``impressions.jsonl`` and ``feedback.parquet`` from serving).
+        metrics: PSI/KS per feature, new-item share, popularity shift, SLOs, hit rate.
+        report: the HTML drift report with plots.
+        retrain: start the retraining pipeline when a threshold is crossed.
+        kfp_host: Kubeflow Pipelines API URL for that run; empty runs it locally.
+
+    Returns:
+        Whether a threshold was crossed.
+    """
+    from pathlib import Path
+
+    import pandas as pd
+
+    from shopml.canary import read_impressions
+    from shopml.config import load_settings
+    from shopml.drift import render_drift_report, retraining_trigger, run_drift_monitor
+    from shopml.logs import configure_logging
+
+    configure_logging()
+    folder = Path(current.path)
+    logs = {}
+    if (folder / "impressions.jsonl").is_file():
+        logs["impressions"] = read_impressions(folder / "impressions.jsonl")
+    if (folder / "feedback.parquet").is_file():
+        logs["feedback"] = pd.read_parquet(folder / "feedback.parquet")
+    trigger = retraining_trigger(load_settings(), {}, kfp_host or None)
+    result = run_drift_monitor(
+        pd.read_parquet(Path(reference.path) / "events.parquet"),
+        pd.read_parquet(folder / "events.parquet"),
+        trigger if retrain else None,
+        **logs,
+    )
+
+    for name, value in result.metrics.items():
+        metrics.log_metric(name, float(value))
+    Path(report.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(report.path).write_text(render_drift_report(result))
+    return result.should_retrain

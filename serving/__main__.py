@@ -5,12 +5,19 @@ Run::
     python -m serving --model-dir .shopml/models/sasrec
     python -m serving --model-dir DIR --model-name recommender --http-port 8080 \\
         --host 127.0.0.1 --torch-threads 1 --no-feature-store
+    python -m serving --model-dir DIR --catalog curated/catalog.parquet \\
+        --lookup-timeout-ms 250 --max-batch-size 32 --max-wait-ms 2 \\
+        --max-in-flight 32 --max-body-bytes 262144
 
 The server binds 127.0.0.1 unless ``--host`` says otherwise (a pod passes ``0.0.0.0``)
 and never opens gRPC. User histories come from the online feature store described by the
 ``SHOPML_*`` settings; ``--no-feature-store`` serves only requests that send
-``item_ids``. The process exits with status 1 when the artifact cannot be loaded, so it
-never reports Ready.
+``item_ids``. ``--catalog`` (a canonical catalog file with ``item_id`` and
+``category``) enables the ``exclude_categories`` filter. Inference requests beyond
+``--max-in-flight`` get 503 at once (load shedding; health checks are never shed) and
+bodies over ``--max-body-bytes`` get 413 (:mod:`serving.admission`). Prometheus metrics
+are on ``/metrics``. The process exits with status 1 when the artifact cannot be
+loaded, so it never reports Ready.
 """
 
 from __future__ import annotations
@@ -21,11 +28,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
 import torch
 from kserve import ModelServer
 from kserve.errors import NoModelReady
 
-from serving.recommender import RecommenderModel
+from serving.admission import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_IN_FLIGHT,
+    AdmissionMiddleware,
+)
+from serving.recommender import DEFAULT_LOOKUP_TIMEOUT_S, RecommenderModel
 from shopml.config import load_settings
 from shopml.features import OnlineFeatureClient
 from shopml.logs import configure_logging
@@ -43,27 +56,49 @@ class BoundModelServer(ModelServer):
     offers no argument for it. ``ModelServer.start`` builds that REST server and then
     calls ``setup_event_loop`` before serving, so the address is set there.
 
+    The same hook wraps KServe's app in :class:`~serving.admission.AdmissionMiddleware`
+    (load shedding and the body size limit).
+
     Args:
         host: the address to listen on.
         http_port: the HTTP port.
+        max_in_flight: inference requests served at once; more get 503.
+        max_body_bytes: largest request body accepted; larger ones get 413.
     """
 
-    def __init__(self, host: str, http_port: int) -> None:
+    def __init__(
+        self,
+        host: str,
+        http_port: int,
+        *,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> None:
         super().__init__(http_port=http_port, enable_grpc=False, workers=1)
         self.host = host
+        self.max_in_flight = max_in_flight
+        self.max_body_bytes = max_body_bytes
 
     def setup_event_loop(self) -> None:
-        """Point the REST server at ``self.host``, then set up the loop as KServe does.
+        """Point the REST server at ``self.host``, add admission control, then set up
+        the loop as KServe does.
 
         Raises:
             RuntimeError: KServe changed and no REST server exists at this point.
         """
+        from kserve.model_server import app
+
         if self._rest_server is None:
             raise RuntimeError(
                 "kserve ModelServer has no REST server before serving; the "
                 "bind-address hook in serving.__main__ needs updating for this kserve"
             )
         self._rest_server.config.host = self.host
+        app.add_middleware(
+            AdmissionMiddleware,
+            max_in_flight=self.max_in_flight,
+            max_body_bytes=self.max_body_bytes,
+        )
         super().setup_event_loop()
 
 
@@ -91,7 +126,54 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="serve without the online store: only requests with item_ids",
     )
+    parser.add_argument(
+        "--catalog",
+        type=Path,
+        default=None,
+        help="catalog file (parquet/csv with item_id, category) for category filters",
+    )
+    parser.add_argument(
+        "--lookup-timeout-ms",
+        type=float,
+        default=DEFAULT_LOOKUP_TIMEOUT_S * 1000,
+        help="deadline of an online-store lookup before popularity fallback",
+    )
+    parser.add_argument("--max-batch-size", type=int, default=32, help="rows/batch")
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=2.0, help="wait for a batch to fill"
+    )
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=DEFAULT_MAX_IN_FLIGHT,
+        help="concurrent inference requests; more are shed with 503",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="largest request body; larger ones get 413",
+    )
     return parser.parse_args(argv)
+
+
+def read_item_categories(path: Path) -> dict[str, str]:
+    """Item id -> category from a canonical catalog file (Parquet or CSV).
+
+    Raises:
+        ValueError: the file lacks ``item_id`` or ``category``.
+    """
+    frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    missing = {"item_id", "category"} - set(frame.columns)
+    if missing:
+        raise ValueError(
+            f"catalog {path} lacks column(s) {sorted(missing)}; category filters need "
+            "item_id and category"
+        )
+    frame = frame.dropna(subset=["category"])
+    return dict(
+        zip(frame["item_id"].astype(str), frame["category"].astype(str), strict=True)
+    )
 
 
 def build_model(args: argparse.Namespace) -> RecommenderModel:
@@ -103,8 +185,16 @@ def build_model(args: argparse.Namespace) -> RecommenderModel:
         feature_client = OnlineFeatureClient.from_settings(settings)
         pseudonymizer = load_pseudonymizer(settings)
 
+    categories = read_item_categories(args.catalog) if args.catalog else None
     model = RecommenderModel(
-        args.model_name, args.model_dir, feature_client, pseudonymizer
+        args.model_name,
+        args.model_dir,
+        feature_client,
+        pseudonymizer,
+        item_categories=categories,
+        lookup_timeout_s=args.lookup_timeout_ms / 1000,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
     )
     model.load()
     return model
@@ -126,7 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.torch_threads)
     model = build_model(args)
 
-    server = BoundModelServer(host=args.host, http_port=args.http_port)
+    server = BoundModelServer(
+        host=args.host,
+        http_port=args.http_port,
+        max_in_flight=args.max_in_flight,
+        max_body_bytes=args.max_body_bytes,
+    )
     logger.info(
         "serving model=%s on http://%s:%d (grpc disabled)",
         args.model_name,

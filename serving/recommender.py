@@ -19,6 +19,24 @@ v2 (``POST /v2/models/<name>/infer``): input ``user_id`` (BYTES [B]) or ``item_i
 [B, K]) and ``unknown_item_ids`` (BYTES [B, U]). Rows with fewer than K items are
 padded with ``""`` and a NaN score (JSON ``null``); that happens only when a history
 covers nearly the whole catalog.
+
+Business filters: ``exclude_item_ids`` and ``exclude_categories`` (v1 fields; v2 BYTES
+inputs of shape [E] that apply to every row) remove items from the ranking; categories
+come from the catalog given to the server. ``"explain": true`` on a v1 row, or the v1
+``:explain`` route, adds ``explanations``: for each recommended item, the history items
+whose embeddings are most similar to it (the dot product the model's scores are built
+from). Requests are limited to ``MAX_ROWS`` rows and ``MAX_LIST_ITEMS`` ids per list.
+
+Rows of concurrent requests are ranked together (:class:`serving.batching.MicroBatcher`)
+on a worker thread. The online-store lookup has a deadline (``lookup_timeout_s``); when
+the store is down or late, the user's row is ranked by popularity, marked
+``"degraded": true`` (v1), counted in ``shopml_recommender_fallbacks_total`` and logged
+as a warning. Latency per stage, fallbacks and errors are Prometheus metrics on
+``/metrics``.
+
+The module runs past 500 lines because the v1/v2 parsing, the ranking rules and the
+KServe model class share one request vocabulary; batching and admission control live
+in :mod:`serving.batching` and :mod:`serving.admission`.
 """
 
 from __future__ import annotations
@@ -26,8 +44,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +61,11 @@ from kserve.protocol.infer_type import (
     InferRequest,
     InferResponse,
 )
+from prometheus_client import Counter, Histogram
 
+from serving.batching import BatchStats, MicroBatcher
 from shopml.artifact import ArtifactError, ModelArtifact, load_model_artifact
-from shopml.features import FeatureStoreUnavailable, OnlineFeatureClient
+from shopml.features import FeatureStoreUnavailable, OnlineFeatureClient, UserFeatures
 from shopml.models.sasrec import left_pad
 from shopml.security import Pseudonymizer
 
@@ -51,7 +73,40 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_K = 10
 MAX_K = 100
+# Request size limits: rows per request and ids per list (history or exclusions).
+MAX_ROWS = 256
+MAX_LIST_ITEMS = 1000
+# History items named per recommended item in an explanation.
+EXPLAIN_TOP_N = 3
+# Seconds a user-history lookup may take before the row falls back to popularity.
+DEFAULT_LOOKUP_TIMEOUT_S = 0.25
+FILTER_FIELDS = ("exclude_item_ids", "exclude_categories")
 QUERY_FIELDS = ("user_id", "item_ids", "k")
+V1_FIELDS = (*QUERY_FIELDS, *FILTER_FIELDS, "explain")
+V2_INPUTS = (*QUERY_FIELDS, *FILTER_FIELDS)
+_STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+STAGE_SECONDS = Histogram(
+    "shopml_recommender_stage_seconds",
+    "Latency of each request stage (queue, feature_lookup, rank, explain).",
+    ["model", "stage"],
+    buckets=_STAGE_BUCKETS,
+)
+BATCH_ROWS = Histogram(
+    "shopml_recommender_batch_rows",
+    "Rows ranked together in one forward pass.",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+FALLBACKS = Counter(
+    "shopml_recommender_fallbacks_total",
+    "User rows ranked by popularity because the online store failed or was late.",
+    ["model", "reason"],
+)
+ERRORS = Counter(
+    "shopml_recommender_errors_total",
+    "Requests that failed, by kind (invalid_input: 400, inference_error: 500).",
+    ["model", "kind"],
+)
 _INT_DATATYPES = {
     "INT8",
     "INT16",
@@ -73,11 +128,17 @@ class RecommendationQuery:
             store); ``None`` when the row carries ``item_ids``. Never logged.
         item_ids: the history sent with the request, oldest first; ``None`` for a user.
         k: how many items to return, 1..``MAX_K``.
+        exclude_item_ids: items that must not be recommended (business filter).
+        exclude_categories: categories whose items must not be recommended.
+        explain: add the history items behind each recommendation.
     """
 
     user_id: str | None
     item_ids: tuple[str, ...] | None
     k: int = DEFAULT_K
+    exclude_item_ids: tuple[str, ...] = ()
+    exclude_categories: tuple[str, ...] = ()
+    explain: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,12 +165,18 @@ class Recommendation:
         titles: their titles, same order.
         scores: their scores: model logits, or training popularity for an empty history.
         unknown_item_ids: request ``item_ids`` the model does not know (ignored).
+        degraded: the user's history could not be read in time, so the items are the
+            popularity ranking.
+        explanations: when asked for, per recommended item the history items most
+            similar to it, ``{"item_id", "title", "similarity"}``, strongest first.
     """
 
     item_ids: list[str]
     titles: list[str]
     scores: list[float]
     unknown_item_ids: list[str]
+    degraded: bool = False
+    explanations: list[list[dict[str, Any]]] | None = field(default=None)
 
 
 @dataclass(frozen=True)
@@ -158,6 +225,10 @@ def _parse_item_ids(value: Any, field: str) -> tuple[str, ...]:
         raise InvalidInput(
             f"{field} must be a list of item id strings, got {type(value).__name__}"
         )
+    if len(value) > MAX_LIST_ITEMS:
+        raise InvalidInput(
+            f"{field} has {len(value)} ids; at most {MAX_LIST_ITEMS} are accepted"
+        )
     for position, item_id in enumerate(value):
         if not isinstance(item_id, str):
             raise InvalidInput(
@@ -175,10 +246,10 @@ def _parse_instance(row: int, instance: Any) -> RecommendationQuery:
             f"{field} must be an object with user_id or item_ids, "
             f"got {type(instance).__name__}"
         )
-    unknown = sorted(set(instance) - set(QUERY_FIELDS))
+    unknown = sorted(set(instance) - set(V1_FIELDS))
     if unknown:
         raise InvalidInput(
-            f"{field} has unknown field(s) {unknown}; accepted: {list(QUERY_FIELDS)}"
+            f"{field} has unknown field(s) {unknown}; accepted: {list(V1_FIELDS)}"
         )
     if ("user_id" in instance) == ("item_ids" in instance):
         raise InvalidInput(
@@ -187,11 +258,24 @@ def _parse_instance(row: int, instance: Any) -> RecommendationQuery:
         )
 
     k = parse_k(instance.get("k", DEFAULT_K), f"{field}.k")
+    explain = instance.get("explain", False)
+    if not isinstance(explain, bool):
+        raise InvalidInput(
+            f"{field}.explain={explain!r} must be true or false, "
+            f"got {type(explain).__name__}"
+        )
+    excluded_items, excluded_categories = (
+        _parse_item_ids(instance.get(name, []), f"{field}.{name}")
+        for name in FILTER_FIELDS
+    )
+    user_id, item_ids = None, None
     if "user_id" in instance:
         user_id = _parse_user_id(instance["user_id"], f"{field}.user_id")
-        return RecommendationQuery(user_id=user_id, item_ids=None, k=k)
-    item_ids = _parse_item_ids(instance["item_ids"], f"{field}.item_ids")
-    return RecommendationQuery(user_id=None, item_ids=item_ids, k=k)
+    else:
+        item_ids = _parse_item_ids(instance["item_ids"], f"{field}.item_ids")
+    return RecommendationQuery(
+        user_id, item_ids, k, excluded_items, excluded_categories, explain
+    )
 
 
 def parse_v1_body(
@@ -233,6 +317,11 @@ def parse_v1_body(
     if not isinstance(instances, list) or not instances:
         shown = "an empty list" if instances == [] else type(instances).__name__
         raise InvalidInput(f"'instances' must be a non-empty list of rows, got {shown}")
+    if len(instances) > MAX_ROWS:
+        raise InvalidInput(
+            f"'instances' has {len(instances)} rows; at most {MAX_ROWS} are accepted "
+            "per request"
+        )
     return [_parse_instance(row, instance) for row, instance in enumerate(instances)]
 
 
@@ -284,12 +373,21 @@ def _v2_ks(infer_input: InferInput | None, n_rows: int) -> list[int]:
     return ks * n_rows if len(ks) == 1 else ks
 
 
+def _check_v2_size(name: str, rows: int, width: int) -> None:
+    if rows > MAX_ROWS or width > MAX_LIST_ITEMS:
+        raise InvalidInput(
+            f"input '{name}' is [{rows}, {width}]; at most {MAX_ROWS} rows of "
+            f"{MAX_LIST_ITEMS} ids are accepted"
+        )
+
+
 def _v2_user_rows(infer_input: InferInput) -> list[str]:
     users = _v2_strings(infer_input)
     if users.ndim != 1 or users.size == 0:
         raise InvalidInput(
             f"input 'user_id' has shape {infer_input.shape}; it must be [B] with B >= 1"
         )
+    _check_v2_size("user_id", users.size, 1)
     return [_parse_user_id(user, f"user_id[{row}]") for row, user in enumerate(users)]
 
 
@@ -301,7 +399,21 @@ def _v2_item_rows(infer_input: InferInput) -> list[tuple[str, ...]]:
         raise InvalidInput(
             f"input 'item_ids' has shape {infer_input.shape}; it must be [B, L] or [L]"
         )
+    _check_v2_size("item_ids", items.shape[0], items.shape[1])
     return [tuple(item for item in row if item) for row in items.tolist()]
+
+
+def _v2_filter(infer_input: InferInput | None) -> tuple[str, ...]:
+    """A filter input: BYTES [E], applied to every row."""
+    if infer_input is None:
+        return ()
+    values = _v2_strings(infer_input)
+    if values.ndim != 1:
+        raise InvalidInput(
+            f"input '{infer_input.name}' has shape {infer_input.shape}; it must be [E]"
+        )
+    _check_v2_size(infer_input.name, 1, values.size)
+    return tuple(value for value in values.tolist() if value)
 
 
 def parse_v2_request(request: InferRequest) -> list[RecommendationQuery]:
@@ -318,10 +430,10 @@ def parse_v2_request(request: InferRequest) -> list[RecommendationQuery]:
             datatypes or shapes, or a bad ``k``.
     """
     inputs = {infer_input.name: infer_input for infer_input in request.inputs}
-    unknown = sorted(set(inputs) - set(QUERY_FIELDS))
+    unknown = sorted(set(inputs) - set(V2_INPUTS))
     if unknown:
         raise InvalidInput(
-            f"unknown input(s) {unknown}; accepted inputs: {list(QUERY_FIELDS)}"
+            f"unknown input(s) {unknown}; accepted inputs: {list(V2_INPUTS)}"
         )
     if ("user_id" in inputs) == ("item_ids" in inputs):
         raise InvalidInput(
@@ -329,23 +441,28 @@ def parse_v2_request(request: InferRequest) -> list[RecommendationQuery]:
             f"got {sorted(inputs)}"
         )
 
+    excluded_items = _v2_filter(inputs.get("exclude_item_ids"))
+    excluded_categories = _v2_filter(inputs.get("exclude_categories"))
     if "user_id" in inputs:
         users = _v2_user_rows(inputs["user_id"])
         ks = _v2_ks(inputs.get("k"), len(users))
         return [
-            RecommendationQuery(user_id=user, item_ids=None, k=k)
+            RecommendationQuery(user, None, k, excluded_items, excluded_categories)
             for user, k in zip(users, ks, strict=True)
         ]
     histories = _v2_item_rows(inputs["item_ids"])
     ks = _v2_ks(inputs.get("k"), len(histories))
     return [
-        RecommendationQuery(user_id=None, item_ids=history, k=k)
+        RecommendationQuery(None, history, k, excluded_items, excluded_categories)
         for history, k in zip(histories, ks, strict=True)
     ]
 
 
 def rank_items(
-    artifact: ModelArtifact, histories: Sequence[Sequence[int]], ks: Sequence[int]
+    artifact: ModelArtifact,
+    histories: Sequence[Sequence[int]],
+    ks: Sequence[int],
+    excluded: Sequence[Sequence[int]] | None = None,
 ) -> list[tuple[list[int], list[float]]]:
     """Rank all items for each history, excluding padding and the history's own items.
 
@@ -356,10 +473,12 @@ def rank_items(
         artifact: the loaded model artifact.
         histories: item indices per row (1..n_items), oldest first; may be empty.
         ks: items wanted per row.
+        excluded: per row, further item indices that must not be recommended
+            (business filters); ``None`` for none.
 
     Returns:
         Per row: item indices best first and their scores; fewer than ``k`` when the
-        history leaves fewer items.
+        history and the filters leave fewer items.
     """
     n_rows, n_columns = len(histories), artifact.config.n_items + 1
     popularity = torch.from_numpy(artifact.popularity)  # [N]
@@ -374,11 +493,12 @@ def rank_items(
         with torch.inference_mode():
             scores[rows] = artifact.model.full_sort_scores(item_seq).float()  # [B', N]
 
-    # Padding and already-seen items can never be recommended.
+    # Padding, already-seen and filtered items can never be recommended.
     scores[:, 0] = float("-inf")
     for row, history in enumerate(histories):
-        if history:
-            scores[row, list(history)] = float("-inf")
+        blocked = [*history, *(excluded[row] if excluded else ())]
+        if blocked:
+            scores[row, blocked] = float("-inf")
 
     top_scores, top_items = torch.topk(scores, k=min(max(ks), n_columns), dim=1)
     ranked = []
@@ -388,6 +508,58 @@ def rank_items(
             (top_items[row, :k][keep].tolist(), top_scores[row, :k][keep].tolist())
         )
     return ranked
+
+
+def explain_items(
+    artifact: ModelArtifact,
+    history: Sequence[int],
+    items: Sequence[int],
+    top_n: int = EXPLAIN_TOP_N,
+) -> list[list[tuple[int, float]]]:
+    """The history items most similar to each recommended item.
+
+    SASRec scores an item by the dot product of its embedding with the encoded history;
+    the history items whose embeddings have the largest dot product with the
+    recommended item's are the ones that pull it up.
+
+    Args:
+        artifact: the loaded model artifact.
+        history: the row's history, item indices oldest first (newest
+            ``max_seq_len`` are used, as in ranking).
+        items: recommended item indices.
+        top_n: history items named per recommended item.
+
+    Returns:
+        Per recommended item: ``(history index, similarity)``, strongest first; empty
+        lists when the history is empty.
+    """
+    recent = list(history)[-artifact.config.max_seq_len :]
+    if not recent or not items:
+        return [[] for _ in items]
+    weight = artifact.model.item_embedding.weight  # [N, H]
+    with torch.inference_mode():
+        similarity = weight[list(items)] @ weight[recent].T  # [K, L]
+    n = min(top_n, len(recent))
+    top_values, top_positions = torch.topk(similarity, k=n, dim=1)  # [K, n]
+    return [
+        [
+            (recent[position], float(value))
+            for position, value in zip(positions, values, strict=True)
+        ]
+        for positions, values in zip(
+            top_positions.tolist(), top_values.tolist(), strict=True
+        )
+    ]
+
+
+@dataclass(frozen=True)
+class _RowInput:
+    """A query resolved against the model: indices, unknown ids, fallback flag."""
+
+    history: list[int]
+    unknown: list[str]
+    excluded: list[int]
+    degraded: bool
 
 
 class RecommenderModel(Model):
@@ -400,9 +572,15 @@ class RecommenderModel(Model):
             rows that carry ``item_ids``.
         pseudonymizer: maps raw user ids to the pseudonyms the online store is keyed
             by; required with a feature client.
+        item_categories: item id -> category, for ``exclude_categories``; ``None``
+            when the server has no catalog (such requests get 400).
+        lookup_timeout_s: deadline of one online-store lookup; a late or failed
+            lookup ranks the user's row by popularity.
+        max_batch_size: rows that are ranked together at most (micro-batching).
+        max_wait_ms: how long a request waits for others to share its batch.
 
     Raises:
-        ValueError: a feature client without a pseudonymizer.
+        ValueError: a feature client without a pseudonymizer, or a timeout <= 0.
     """
 
     def __init__(
@@ -411,6 +589,11 @@ class RecommenderModel(Model):
         model_dir: Path,
         feature_client: OnlineFeatureClient | None,
         pseudonymizer: Pseudonymizer | None,
+        *,
+        item_categories: Mapping[str, str] | None = None,
+        lookup_timeout_s: float = DEFAULT_LOOKUP_TIMEOUT_S,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 2.0,
     ) -> None:
         super().__init__(name)
         if feature_client is not None and pseudonymizer is None:
@@ -418,10 +601,23 @@ class RecommenderModel(Model):
                 "a feature_client needs a pseudonymizer: the online store is keyed by "
                 "pseudonyms; pass load_pseudonymizer(settings)"
             )
+        if lookup_timeout_s <= 0:
+            raise ValueError(f"lookup_timeout_s={lookup_timeout_s} must be above 0")
         self.model_dir = Path(model_dir)
         self.feature_client = feature_client
         self.pseudonymizer = pseudonymizer
+        self.item_categories = dict(item_categories) if item_categories else None
+        self.lookup_timeout_s = lookup_timeout_s
         self.artifact: ModelArtifact | None = None
+        self._category_items: dict[str, list[int]] = {}
+        # Lookups run here so that a hung store costs a deadline, not a request.
+        self._lookups = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lookup")
+        self.batcher: MicroBatcher[RecommendationQuery, Recommendation] = MicroBatcher(
+            self.recommend,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            on_batch=self._observe_batch,
+        )
 
     def load(self) -> bool:
         """Load and verify the artifact; the model is Ready only if that succeeds.
@@ -437,17 +633,29 @@ class RecommenderModel(Model):
             self.ready = False
             return False
 
+        self._category_items = self._index_categories(self.artifact)
         self._warm_up_feature_store()
         self.ready = True
         logger.info(
-            "model=%s loaded from %s n_items=%d max_seq_len=%d feature_store=%s",
+            "model=%s loaded from %s n_items=%d max_seq_len=%d feature_store=%s "
+            "categories=%d",
             self.name,
             self.model_dir,
             self.artifact.config.n_items,
             self.artifact.config.max_seq_len,
             self.feature_client is not None,
+            len(self._category_items),
         )
         return True
+
+    def _index_categories(self, artifact: ModelArtifact) -> dict[str, list[int]]:
+        """Category -> model indices of its items, for ``exclude_categories``."""
+        by_category: dict[str, list[int]] = {}
+        for item_id, category in (self.item_categories or {}).items():
+            index = artifact.index_of(item_id)
+            if index is not None and category:
+                by_category.setdefault(category, []).append(index)
+        return by_category
 
     def _warm_up_feature_store(self) -> None:
         """Read one unknown user so the registry loads now, not on the first request.
@@ -458,7 +666,7 @@ class RecommenderModel(Model):
             return
         started = time.monotonic()
         try:
-            self.feature_client.user_sequences(["u_warmup"])
+            self.feature_client.serving_features_batch(["u_warmup"])
         except FeatureStoreUnavailable as err:
             logger.warning("model=%s online store not readable yet: %s", self.name, err)
             return
@@ -493,17 +701,33 @@ class RecommenderModel(Model):
             InvalidInput: the body does not follow the protocol (see module docstring).
         """
         headers = headers or {}
-        if isinstance(payload, InferRequest):
-            request_id = payload.id or headers.get("x-request-id") or uuid.uuid4().hex
-            return RecommendationRequest("v2", request_id, parse_v2_request(payload))
-        queries = parse_v1_body(payload, headers.get("content-type"))
+        try:
+            if isinstance(payload, InferRequest):
+                request_id = (
+                    payload.id or headers.get("x-request-id") or uuid.uuid4().hex
+                )
+                queries = parse_v2_request(payload)
+                self._check_filters(queries)
+                return RecommendationRequest("v2", request_id, queries)
+            queries = parse_v1_body(payload, headers.get("content-type"))
+            self._check_filters(queries)
+        except InvalidInput:
+            ERRORS.labels(model=self.name, kind="invalid_input").inc()
+            raise
         request_id = headers.get("x-request-id") or uuid.uuid4().hex
         return RecommendationRequest("v1", request_id, queries)
 
-    def predict(
+    def _check_filters(self, queries: Sequence[RecommendationQuery]) -> None:
+        if self.item_categories is None and any(q.exclude_categories for q in queries):
+            raise InvalidInput(
+                f"exclude_categories needs item categories, and model {self.name} was "
+                "started without a catalog (python -m serving --catalog FILE)"
+            )
+
+    async def predict(
         self, payload: RecommendationRequest, headers: dict[str, str] | None = None
     ) -> RecommendationResult:
-        """Rank items for every row of the request.
+        """Rank items for every row; rows of concurrent requests share one pass.
 
         Args:
             payload: the parsed request from ``preprocess``.
@@ -516,15 +740,35 @@ class RecommenderModel(Model):
             InferenceError: the model is not loaded, or a ``user_id`` row reached a
                 server that runs without a feature store.
         """
-        recommendations = self.recommend(payload.queries)
+        try:
+            recommendations = await self.batcher.submit(payload.queries)
+        except InferenceError:
+            ERRORS.labels(model=self.name, kind="inference_error").inc()
+            raise
         logger.debug(
-            "model=%s request_id=%s rows=%d users=%d",
+            "model=%s request_id=%s rows=%d users=%d degraded=%d",
             self.name,
             payload.request_id,
             len(payload.queries),
             sum(query.user_id is not None for query in payload.queries),
+            sum(rec.degraded for rec in recommendations),
         )
         return RecommendationResult(payload, recommendations)
+
+    async def explain(
+        self, payload: RecommendationRequest, headers: dict[str, str] | None = None
+    ) -> RecommendationResult:
+        """KServe's v1 ``:explain`` route: predict with explanations on every row.
+
+        Args:
+            payload: the parsed request from ``preprocess``.
+            headers: request headers (unused).
+
+        Returns:
+            One recommendation per row, each with its explanations.
+        """
+        queries = [replace(query, explain=True) for query in payload.queries]
+        return await self.predict(replace(payload, queries=queries), headers)
 
     def postprocess(
         self,
@@ -544,17 +788,7 @@ class RecommenderModel(Model):
         """
         if result.request.protocol == "v2":
             return self._v2_response(result)
-        return {
-            "predictions": [
-                {
-                    "item_ids": rec.item_ids,
-                    "titles": rec.titles,
-                    "scores": rec.scores,
-                    "unknown_item_ids": rec.unknown_item_ids,
-                }
-                for rec in result.recommendations
-            ]
-        }
+        return {"predictions": [_v1_prediction(rec) for rec in result.recommendations]}
 
     def recommend(self, queries: Sequence[RecommendationQuery]) -> list[Recommendation]:
         """Rank items for each query; all rows are scored in one forward pass.
@@ -575,51 +809,126 @@ class RecommenderModel(Model):
                 f"model {self.name} is not loaded from {self.model_dir}; "
                 "call load() first"
             )
-        sequences = self._item_sequences(queries)
-
-        histories: list[list[int]] = []
-        unknown: list[list[str]] = []
-        for sequence in sequences:
-            indices = [artifact.index_of(item_id) for item_id in sequence]
-            histories.append([index for index in indices if index is not None])
-            unknown.append(
-                [i for i, x in zip(sequence, indices, strict=True) if x is None]
-            )
-
-        ranked = rank_items(artifact, histories, [query.k for query in queries])
-        return [
-            Recommendation(
-                item_ids=[artifact.item_ids[index] for index in items],
-                titles=[artifact.titles[index] for index in items],
-                scores=scores,
-                # Only ids the caller sent are reported back, never a user's history.
-                unknown_item_ids=unknown_ids if query.item_ids is not None else [],
-            )
-            for query, (items, scores), unknown_ids in zip(
-                queries, ranked, unknown, strict=True
-            )
+        started = time.perf_counter()
+        rows = self._resolve_rows(artifact, queries)
+        lookup_done = time.perf_counter()
+        ranked = rank_items(
+            artifact,
+            [row.history for row in rows],
+            [query.k for query in queries],
+            [row.excluded for row in rows],
+        )
+        rank_done = time.perf_counter()
+        recommendations = [
+            self._recommendation(artifact, query, row, items, scores)
+            for query, row, (items, scores) in zip(queries, rows, ranked, strict=True)
         ]
+
+        STAGE_SECONDS.labels(self.name, "feature_lookup").observe(lookup_done - started)
+        STAGE_SECONDS.labels(self.name, "rank").observe(rank_done - lookup_done)
+        if any(query.explain for query in queries):
+            explain_s = time.perf_counter() - rank_done
+            STAGE_SECONDS.labels(self.name, "explain").observe(explain_s)
+        return recommendations
+
+    def _resolve_rows(
+        self, artifact: ModelArtifact, queries: Sequence[RecommendationQuery]
+    ) -> list[_RowInput]:
+        """Histories (from the request or the store) and filters as model indices."""
+        sequences, seen, degraded = self._item_sequences(queries)
+        rows = []
+        for query, sequence, seen_items, is_degraded in zip(
+            queries, sequences, seen, degraded, strict=True
+        ):
+            indices = [artifact.index_of(item_id) for item_id in sequence]
+            # Everything the user ever had stays out, not only the model's window.
+            excluded = [
+                index
+                for index in map(
+                    artifact.index_of, [*query.exclude_item_ids, *seen_items]
+                )
+                if index is not None
+            ]
+            for category in query.exclude_categories:
+                excluded += self._category_items.get(category, [])
+            rows.append(
+                _RowInput(
+                    history=[index for index in indices if index is not None],
+                    unknown=[
+                        i for i, x in zip(sequence, indices, strict=True) if x is None
+                    ],
+                    excluded=excluded,
+                    degraded=is_degraded,
+                )
+            )
+        return rows
+
+    def _recommendation(
+        self,
+        artifact: ModelArtifact,
+        query: RecommendationQuery,
+        row: _RowInput,
+        items: list[int],
+        scores: list[float],
+    ) -> Recommendation:
+        explanations = None
+        if query.explain:
+            explanations = [
+                [
+                    {
+                        "item_id": artifact.item_ids[index],
+                        "title": artifact.titles[index],
+                        "similarity": similarity,
+                    }
+                    for index, similarity in contributions
+                ]
+                for contributions in explain_items(artifact, row.history, items)
+            ]
+        return Recommendation(
+            item_ids=[artifact.item_ids[index] for index in items],
+            titles=[artifact.titles[index] for index in items],
+            scores=scores,
+            # Only ids the caller sent are reported back, never a user's history.
+            unknown_item_ids=row.unknown if query.item_ids is not None else [],
+            degraded=row.degraded,
+            explanations=explanations,
+        )
 
     def _item_sequences(
         self, queries: Sequence[RecommendationQuery]
-    ) -> list[list[str]]:
-        """The history of each row: from the request, or from the online store."""
+    ) -> tuple[list[list[str]], list[list[str]], list[bool]]:
+        """Each row's history (request or online store), the user's older seen items
+        beyond it, and which rows degraded."""
         user_rows = [
             row for row, query in enumerate(queries) if query.user_id is not None
         ]
-        from_store = self._user_sequences(
+        from_store, is_degraded = self._user_sequences(
             [queries[row].user_id or "" for row in user_rows]
         )
         by_row = dict(zip(user_rows, from_store, strict=True))
-        return [
-            by_row[row] if query.item_ids is None else list(query.item_ids)
+        sequences = [
+            by_row[row].item_seq if query.item_ids is None else list(query.item_ids)
             for row, query in enumerate(queries)
         ]
+        seen = [
+            by_row[row].seen_items if row in by_row else []
+            for row in range(len(queries))
+        ]
+        degraded = [is_degraded and row in by_row for row in range(len(queries))]
+        return sequences, seen, degraded
 
-    def _user_sequences(self, raw_user_ids: list[str]) -> list[list[str]]:
-        """Pseudonymize raw ids and read their item sequences in one online request."""
+    def _user_sequences(
+        self, raw_user_ids: list[str]
+    ) -> tuple[list[UserFeatures], bool]:
+        """Pseudonymize raw ids and read their serving features in one online request.
+
+        Returns:
+            The users' recent sequences and seen items, and whether they are empty
+            stand-ins because the store failed or missed its deadline (the rows are then
+            ranked by popularity).
+        """
         if not raw_user_ids:
-            return []
+            return [], False
         if self.feature_client is None or self.pseudonymizer is None:
             raise InferenceError(
                 f"model {self.name} runs without a feature store (--no-feature-store), "
@@ -629,17 +938,32 @@ class RecommenderModel(Model):
         pseudonyms = [
             self.pseudonymizer.pseudonymize(user_id) for user_id in raw_user_ids
         ]
+        lookup = self._lookups.submit(
+            self.feature_client.serving_features_batch, pseudonyms
+        )
         try:
-            return self.feature_client.user_sequences(pseudonyms)
+            return lookup.result(timeout=self.lookup_timeout_s), False
         except FeatureStoreUnavailable as err:
-            # Degrade to the popularity ranking rather than fail the request.
-            logger.warning(
-                "model=%s online store down, %d user(s) ranked by popularity: %s",
-                self.name,
-                len(pseudonyms),
-                err,
-            )
-            return [[] for _ in pseudonyms]
+            reason, detail = "store_unavailable", str(err)
+        except FutureTimeout:
+            lookup.cancel()
+            reason = "store_timeout"
+            detail = f"no answer within {self.lookup_timeout_s:.3f} s"
+
+        # Degrade to the popularity ranking rather than fail the request.
+        FALLBACKS.labels(model=self.name, reason=reason).inc(len(pseudonyms))
+        logger.warning(
+            "degraded model=%s reason=%s users=%d ranked by popularity: %s",
+            self.name,
+            reason,
+            len(pseudonyms),
+            detail,
+        )
+        return [UserFeatures([], {}) for _ in pseudonyms], True
+
+    def _observe_batch(self, stats: BatchStats) -> None:
+        BATCH_ROWS.labels(model=self.name).observe(stats.rows)
+        STAGE_SECONDS.labels(self.name, "queue").observe(stats.queue_s)
 
     def _v2_response(self, result: RecommendationResult) -> InferResponse:
         """Pack the recommendations into rectangular v2 output tensors."""
@@ -668,3 +992,17 @@ class RecommenderModel(Model):
             model_name=self.name,
             infer_outputs=outputs,
         )
+
+
+def _v1_prediction(rec: Recommendation) -> dict[str, Any]:
+    """One v1 prediction; ``explanations`` only when asked for."""
+    prediction: dict[str, Any] = {
+        "item_ids": rec.item_ids,
+        "titles": rec.titles,
+        "scores": rec.scores,
+        "unknown_item_ids": rec.unknown_item_ids,
+        "degraded": rec.degraded,
+    }
+    if rec.explanations is not None:
+        prediction["explanations"] = rec.explanations
+    return prediction

@@ -21,6 +21,8 @@ import typer
 from shopml.cli_assets import assets_app, synth
 from shopml.cli_features import events_app
 from shopml.cli_security import audit_app, forget, security_app
+from shopml.cli_serving import canary_app
+from shopml.cli_serving import deploy as deploy_command
 from shopml.config import Settings, load_settings
 from shopml.logs import configure_logging
 
@@ -40,6 +42,8 @@ app.add_typer(events_app, name="events")
 app.add_typer(audit_app, name="audit")
 app.add_typer(security_app, name="security")
 app.command("forget")(forget)
+app.command("deploy")(deploy_command)
+app.add_typer(canary_app, name="canary")
 data_app.command("synth")(synth)
 
 DATASETS = ("movielens-100k",)
@@ -182,12 +186,30 @@ def serve(
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     name: Annotated[str, typer.Option(help="Model name in the URL.")] = "recommender",
+    canary: Annotated[
+        int | None,
+        typer.Option(help="Send this percent of traffic to --canary-model-dir."),
+    ] = None,
+    canary_model_dir: Annotated[
+        Path | None, typer.Option(help="Model folder of the canary.")
+    ] = None,
 ) -> None:
-    """Serve a trained model with KServe's ModelServer (v1 and v2 protocols)."""
+    """Serve a trained model with KServe's ModelServer (v1 and v2 protocols).
+
+    With ``--canary PERCENT`` a stable and a canary server run behind a local traffic
+    splitter on the same port, as an InferenceService canary does on a cluster.
+    """
     from shopml.console import latest_model_dir
 
     settings = load_settings()
     folder = model_dir or latest_model_dir(settings)
+    if canary is not None:
+        from shopml.cli_serving import serve_canary
+
+        if canary_model_dir is None:
+            raise typer.BadParameter("--canary needs --canary-model-dir")
+        serve_canary(folder, canary_model_dir, canary, port=port, name=name)
+        return
     command = [
         sys.executable, "-m", "serving", "--model-dir", str(folder),
         "--model-name", name, "--http-port", str(port), "--host", host,

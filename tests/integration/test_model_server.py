@@ -292,10 +292,10 @@ def test_stop_local_leaves_a_pid_that_is_not_a_model_server_alone() -> None:
         other.wait(timeout=10)
 
 
-def test_cluster_target_is_not_built_yet_and_unknown_targets_are_rejected(
+def test_cluster_target_needs_a_storage_uri_and_unknown_targets_are_rejected(
     tmp_path: Path,
 ) -> None:
-    with pytest.raises(NotImplementedError, match="issue 8"):
+    with pytest.raises(ValueError, match="target='kserve' needs storage_uri"):
         deploy_model(tmp_path, target="kserve")
     with pytest.raises(ValueError, match="target='k8s' is not a deploy target"):
         deploy_model(tmp_path, target="k8s")
@@ -314,7 +314,14 @@ def test_components_declare_their_artifacts() -> None:
     deploy_inputs = deploy.component_spec.inputs
     monitor_spec = monitor.component_spec
 
-    assert set(deploy_inputs) == {"model", "features", "target", "port"}
+    assert set(deploy_inputs) == {
+        "model",
+        "features",
+        "target",
+        "port",
+        "storage_uri",
+        "canary_percent",
+    }
     assert deploy.component_spec.outputs["Output"].type == "String"
     assert set(monitor_spec.inputs) == {"endpoint", "raw", "curated", "n_users"}
     assert set(monitor_spec.outputs) == {"metrics", "report"}
@@ -366,7 +373,9 @@ def test_user_path_on_feast_sqlite_store_and_monitor(
     raw_dir, curated_dir = write_user_tables(
         tmp_path / "data", pseudonymizer.pseudonymize
     )
-    build_features(curated_dir, settings)
+    # The online sequence keeps only the last 2 of user 196's 4 items: the 2 older
+    # ones must still never be recommended (they come from the seen-items feature).
+    build_features(curated_dir, settings, max_seq_len=2)
     deployment = deploy_local(model_dir, timeout_s=START_TIMEOUT_S)
     try:
         response = httpx.post(

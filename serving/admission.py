@@ -1,0 +1,156 @@
+"""Admission control in front of the model server: body size limit and load shedding.
+
+:class:`AdmissionMiddleware` is a plain ASGI middleware wrapped around KServe's FastAPI
+app by ``serving.__main__``. Inference routes (``:predict``, ``:explain``, ``/infer``)
+are admitted while fewer than ``max_in_flight`` of them are running; beyond that the
+request is answered at once with 503 and ``Retry-After`` (load shedding), so a server
+under overload keeps its latency for the requests it accepts and recovers by itself as
+soon as the load drops. Health, readiness and ``/metrics`` are never shed. A body larger
+than ``max_body_bytes`` gets 413 before it is parsed.
+
+Counters are Prometheus metrics in the default registry, which KServe serves on
+``/metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from kserve.errors import InvalidInput
+from prometheus_client import Counter, Gauge
+
+logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+DEFAULT_MAX_BODY_BYTES = 256 * 1024
+DEFAULT_MAX_IN_FLIGHT = 64
+_INFERENCE_SUFFIXES = (":predict", ":explain", "/infer")
+
+REJECTED = Counter(
+    "shopml_server_rejected_requests_total",
+    "Requests refused before reaching a model, by reason (shed: overload, too_large).",
+    ["reason"],
+)
+IN_FLIGHT = Gauge(
+    "shopml_server_in_flight_requests", "Inference requests being served right now."
+)
+
+
+def is_inference_path(path: str) -> bool:
+    """Whether a URL path runs a model (and so may be shed under overload)."""
+    return path.endswith(_INFERENCE_SUFFIXES)
+
+
+class AdmissionMiddleware:
+    """Sheds inference requests beyond a concurrency limit and refuses large bodies.
+
+    Args:
+        app: the ASGI app to protect.
+        max_in_flight: inference requests served at once; more get 503.
+        max_body_bytes: largest request body accepted; larger ones get 413.
+
+    Raises:
+        ValueError: a limit below 1.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> None:
+        if max_in_flight < 1 or max_body_bytes < 1:
+            raise ValueError(
+                f"max_in_flight={max_in_flight} and max_body_bytes={max_body_bytes} "
+                "must both be at least 1"
+            )
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.max_body_bytes = max_body_bytes
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Admit, shed or refuse one ASGI request."""
+        if scope["type"] != "http" or not is_inference_path(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+
+        length = _content_length(scope)
+        if length is not None and length > self.max_body_bytes:
+            await self._refuse(send, 413, "too_large", self._too_large_message(length))
+            return
+        if self.in_flight >= self.max_in_flight:
+            await self._refuse(
+                send,
+                503,
+                "shed",
+                f"the server is at its limit of {self.max_in_flight} concurrent "
+                "inference requests; retry after a short pause",
+            )
+            return
+
+        self.in_flight += 1
+        IN_FLIGHT.inc()
+        try:
+            await self.app(scope, self._limited(receive, send), send)
+        finally:
+            self.in_flight -= 1
+            IN_FLIGHT.dec()
+
+    def _too_large_message(self, length: int) -> str:
+        return (
+            f"the request body has {length} bytes; the limit is "
+            f"{self.max_body_bytes} bytes: send fewer rows per request"
+        )
+
+    def _limited(self, receive: Receive, send: Send) -> Receive:
+        """``receive`` that stops a body without Content-Length at the size limit."""
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge(self._too_large_message(received))
+            return message
+
+        return limited_receive
+
+    async def _refuse(self, send: Send, status: int, reason: str, message: str) -> None:
+        REJECTED.labels(reason=reason).inc()
+        logger.debug("refused request status=%d reason=%s", status, reason)
+        body = json.dumps({"error": message}).encode("utf-8")
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode("ascii")),
+        ]
+        if status == 503:
+            headers.append((b"retry-after", b"1"))
+        await send(
+            {"type": "http.response.start", "status": status, "headers": headers}
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class BodyTooLarge(InvalidInput):
+    """A streamed body (no Content-Length) grew past the limit: KServe answers 400."""
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

@@ -1,0 +1,305 @@
+"""Command-line pieces for rollouts: ``shopml deploy``, ``shopml canary ...`` and the
+local canary stack behind ``shopml serve --canary PERCENT``.
+
+``shopml deploy --storage-uri s3://shopml/models/recommender/<version>`` creates or
+patches the cluster's InferenceService (a canary at ``--canary-percent``); with
+``--dry-run`` it prints what it would send and changes nothing. ``shopml canary
+analyze`` compares canary and stable from an impression log and feedback events and,
+with ``--apply``, promotes or rolls back on the local splitter or the cluster.
+:func:`start_local_canary` runs a stable and a canary model server and the splitter
+(:mod:`serving.splitter`) on 127.0.0.1, so the same analysis runs on one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import pandas as pd
+import typer
+
+from components.deploy import (
+    LOOPBACK,
+    DeploymentError,
+    LocalDeployment,
+    _free_port,
+    deploy_local,
+    stop_local,
+)
+from shopml.audit import AuditEvent
+from shopml.canary import CanaryDecision
+from shopml.config import load_settings
+
+logger = logging.getLogger(__name__)
+
+canary_app = typer.Typer(help="Canary analysis and decisions.", no_args_is_help=True)
+
+
+def deploy(
+    storage_uri: Annotated[
+        str, typer.Option(help="Model version: s3://<bucket>/models/<name>/<version>.")
+    ],
+    name: Annotated[str, typer.Option(help="InferenceService name.")] = "recommender",
+    namespace: Annotated[str, typer.Option(help="Namespace.")] = "shopml",
+    canary_percent: Annotated[
+        int, typer.Option(help="Traffic share of a new version, 1..99.")
+    ] = 10,
+    dry_run: Annotated[
+        bool, typer.Option(help="Print what would be sent; change nothing.")
+    ] = False,
+    kubeconfig: Annotated[
+        Path | None,
+        typer.Option(help="Kubeconfig file (default: in-cluster, ~/.kube)."),
+    ] = None,
+    context: Annotated[str | None, typer.Option(help="Kubeconfig context.")] = None,
+) -> None:
+    """Roll a model version out to the cluster's InferenceService as a canary."""
+    from components.deploy import ClusterTarget, deploy_kserve, kubernetes_api
+
+    try:
+        target = ClusterTarget(
+            name=name, namespace=namespace, canary_percent=canary_percent
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    api = kubernetes_api(str(kubeconfig) if kubeconfig else None, context)
+    plan = deploy_kserve(storage_uri, target, api=api, dry_run=dry_run)
+    verb = "would" if dry_run else "did"
+    typer.echo(f"# {verb} {plan.action} inferenceservice {namespace}/{name}")
+    typer.echo(
+        json.dumps(
+            {
+                "action": plan.action,
+                "stable": plan.stable_uri,
+                "canary": plan.canary_uri,
+                "body": plan.body,
+            },
+            indent=2,
+        )
+    )
+
+
+@canary_app.command("analyze")
+def canary_analyze(
+    impressions: Annotated[Path, typer.Option(help="Impression log (JSON lines).")],
+    feedback: Annotated[Path, typer.Option(help="Feedback events (Parquet or CSV).")],
+    model_ref: Annotated[str, typer.Option(help="Canary model, name@version.")],
+    splitter: Annotated[
+        str | None, typer.Option(help="Apply on the local splitter at this URL.")
+    ] = None,
+    kserve: Annotated[
+        str | None,
+        typer.Option(help="Apply on this InferenceService, namespace/name."),
+    ] = None,
+) -> None:
+    """Decide promote / rollback / wait; apply it when a target is given."""
+    from shopml.canary import analyze_canary, read_impressions
+
+    frame = (
+        pd.read_csv(feedback, parse_dates=["timestamp"])
+        if feedback.suffix == ".csv"
+        else pd.read_parquet(feedback)
+    )
+    result = analyze_canary(read_impressions(impressions), frame)
+    typer.echo(json.dumps(result.details(), indent=2))
+    if splitter or kserve:
+        event = apply_canary_decision(
+            result, model_ref, splitter=splitter, kserve=kserve
+        )
+        if event is not None:
+            typer.echo(f"recorded audit event seq={event.seq}")
+
+
+def apply_canary_decision(
+    result: CanaryDecision,
+    model_ref: str,
+    *,
+    splitter: str | None = None,
+    kserve: str | None = None,
+) -> AuditEvent | None:
+    """Apply a :class:`shopml.canary.CanaryDecision` locally or on the cluster.
+
+    Args:
+        result: the analysis result.
+        model_ref: the canary model, ``name@version``.
+        splitter: the local splitter URL.
+        kserve: ``namespace/name`` of the InferenceService.
+
+    Returns:
+        The audit event, or ``None`` for ``wait``.
+    """
+    from components.deploy import ClusterTarget, kubernetes_api
+    from shopml.assets import asset_store_from_settings
+    from shopml.audit import audit_log_from_settings
+    from shopml.canary import (
+        KServeTraffic,
+        LocalTraffic,
+        Traffic,
+        apply_decision,
+    )
+
+    traffic: Traffic
+    if splitter:
+        traffic = LocalTraffic(splitter)
+    else:
+        namespace, _, name = (kserve or "").partition("/")
+        traffic = KServeTraffic(
+            kubernetes_api(), ClusterTarget(name=name, namespace=namespace)
+        )
+    settings = load_settings()
+    return apply_decision(
+        result,
+        traffic,
+        audit_log_from_settings(settings),
+        model_ref=model_ref,
+        assets=asset_store_from_settings(settings),
+    )
+
+
+@dataclass
+class LocalCanary:
+    """Stable and canary model servers and the splitter, all on 127.0.0.1.
+
+    Attributes:
+        stable: the stable server.
+        canary: the canary server.
+        url: the splitter's root URL (what applications call).
+        impressions: the impression log the splitter writes.
+        process: the splitter process.
+    """
+
+    stable: LocalDeployment
+    canary: LocalDeployment
+    url: str
+    impressions: Path
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        """Stop the splitter and both servers."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        stop_local(self.canary)
+        stop_local(self.stable)
+
+
+def _wait_splitter(process: subprocess.Popen[bytes], url: str, log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise DeploymentError(
+                f"the splitter exited with status {process.returncode}; see {log}"
+            )
+        try:
+            httpx.get(f"{url}/splitter/traffic", timeout=1).raise_for_status()
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    process.terminate()
+    raise DeploymentError(
+        f"the splitter at {url} did not answer within 30 s; see {log}"
+    )
+
+
+def start_local_canary(
+    stable_dir: Path,
+    canary_dir: Path,
+    canary_percent: int,
+    *,
+    port: int = 0,
+    name: str = "recommender",
+    use_feature_store: bool = True,
+    impressions: Path | None = None,
+) -> LocalCanary:
+    """Start stable and canary servers and the splitter in front of them.
+
+    Args:
+        stable_dir: the stable model artifact folder.
+        canary_dir: the canary model artifact folder.
+        canary_percent: the canary's traffic share, 0..100.
+        port: the splitter's port; 0 picks a free one.
+        name: the model name in the URLs.
+        use_feature_store: servers read user histories from the online store.
+        impressions: the impression log; default
+            ``$SHOPML_HOME/runs/impressions.jsonl``.
+
+    Returns:
+        The running stack; call ``stop()`` when done.
+
+    Raises:
+        DeploymentError: a server or the splitter did not start.
+    """
+    settings = load_settings()
+    impressions = impressions or settings.home / "runs" / "impressions.jsonl"
+    stable = deploy_local(stable_dir, name=name, use_feature_store=use_feature_store)
+    try:
+        canary = deploy_local(
+            canary_dir, name=name, use_feature_store=use_feature_store
+        )
+    except DeploymentError:
+        stop_local(stable)
+        raise
+    port = port or _free_port()
+    url = f"http://{LOOPBACK}:{port}"
+    log = settings.home / "logs" / f"splitter-{port}.log"
+    command = [
+        sys.executable, "-m", "serving.splitter", "--stable", stable.url,
+        "--canary", canary.url, "--canary-percent", str(canary_percent),
+        "--port", str(port), "--impressions", str(impressions),
+    ]  # fmt: skip
+    with log.open("ab") as log_file:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    stack = LocalCanary(stable, canary, url, impressions, process)
+    try:
+        _wait_splitter(process, url, log)
+    except DeploymentError:
+        stack.stop()
+        raise
+    logger.info("local canary at %s canary_percent=%d", url, canary_percent)
+    return stack
+
+
+def serve_canary(
+    stable_dir: Path,
+    canary_dir: Path,
+    canary_percent: int,
+    port: int = 8080,
+    name: str = "recommender",
+) -> None:
+    """``shopml serve --canary PERCENT``: run the local canary stack until Ctrl-C.
+
+    Args:
+        stable_dir: the stable model folder (the latest promoted model).
+        canary_dir: the new model folder.
+        canary_percent: the canary's traffic share, 0..100.
+        port: the splitter's port (the URL applications call).
+        name: the model name in the URLs.
+    """
+    stack = start_local_canary(
+        stable_dir, canary_dir, canary_percent, port=port, name=name
+    )
+    typer.echo(
+        f"canary {canary_percent}% of {name!r} on {stack.url} "
+        f"(stable {stack.stable.url}, canary {stack.canary.url}); "
+        f"impressions in {stack.impressions}; Ctrl-C stops"
+    )
+    try:
+        while stack.process.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()

@@ -1,0 +1,173 @@
+"""Local parity of the canary rollout: two real model servers, the splitter, analysis.
+
+The stable and canary artifacts differ only in their popularity ranking, which is what
+users without history get. Simulated shoppers like the five items the "good" ranking
+puts first: the variant serving the other ranking has a planted lower online hit rate.
+The same analysis code as on a cluster then decides, the splitter's traffic follows the
+decision, and the decision is in the audit log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from components.features import build_features
+from shopml.artifact import save_model_artifact
+from shopml.audit import audit_log_from_settings
+from shopml.canary import (
+    CanaryPolicy,
+    LocalTraffic,
+    analyze_canary,
+    apply_decision,
+    read_impressions,
+)
+from shopml.cli_serving import LocalCanary, start_local_canary
+from shopml.config import load_settings
+from shopml.models.sasrec import SASRec, SASRecConfig
+from shopml.security import load_pseudonymizer
+from tests.unit.test_features import write_tiny_curated
+from tests.unit.test_recommender import N_ITEMS, item_id
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+LIKED = {item_id(i) for i in range(26, 31)}  # the good ranking's top five
+POLICY = CanaryPolicy(min_requests=60, min_impressions=60)
+
+
+def write_artifact(path: Path, is_good: bool) -> Path:
+    torch.manual_seed(0)
+    config = SASRecConfig(n_items=N_ITEMS, max_seq_len=20, hidden_size=32, n_heads=2)
+    items = pd.DataFrame(
+        {
+            "index": np.arange(1, N_ITEMS + 1),
+            "item_id": [item_id(i) for i in range(1, N_ITEMS + 1)],
+            "title": [f"Title {i}" for i in range(1, N_ITEMS + 1)],
+        }
+    )
+    popularity = np.arange(N_ITEMS + 1, dtype=np.float32)
+    if not is_good:
+        popularity = np.concatenate([[0.0], popularity[1:][::-1]]).astype(np.float32)
+    save_model_artifact(path, SASRec(config), items, popularity)
+    return path
+
+
+def start_stack(root: Path, canary_is_good: bool) -> LocalCanary:
+    settings = load_settings()
+    write_tiny_curated(root / "curated")  # an online store that knows none of them
+    build_features(root / "curated", settings)
+    load_pseudonymizer(settings)  # one key for servers and splitter
+    return start_local_canary(
+        write_artifact(root / "stable", is_good=not canary_is_good),
+        write_artifact(root / "canary", is_good=canary_is_good),
+        50,
+    )
+
+
+def shop(stack: LocalCanary, n_users: int) -> list[str]:
+    """Each shopper asks for five items once; returns the variants that answered."""
+
+    def ask(user: int) -> str:
+        response = httpx.post(
+            f"{stack.url}/v1/models/recommender:predict",
+            json={"instances": [{"user_id": f"shopper-{user}", "k": 5}]},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        return response.headers["x-shopml-variant"]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(ask, range(n_users)))
+
+
+def feedback_for(impressions: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Shoppers click a served item they like, 60 % of the time, minutes later."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for impression in impressions.itertuples():
+        liked = [item for item in impression.item_ids if item in LIKED]
+        if liked and rng.random() < 0.6:
+            rows.append(
+                (
+                    impression.user_id,
+                    liked[0],
+                    "click",
+                    impression.time + timedelta(minutes=2),
+                )
+            )
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "event_type", "timestamp"])
+
+
+@pytest.fixture
+def worse_canary(tmp_path: Path) -> Iterator[LocalCanary]:
+    stack = start_stack(tmp_path, canary_is_good=False)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def better_canary(tmp_path: Path) -> Iterator[LocalCanary]:
+    stack = start_stack(tmp_path, canary_is_good=True)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def analyze_and_apply(stack: LocalCanary) -> tuple[str, int, dict]:
+    impressions = read_impressions(stack.impressions)
+    result = analyze_canary(impressions, feedback_for(impressions, seed=0), POLICY)
+    audit = audit_log_from_settings(load_settings())
+    event = apply_decision(
+        result, LocalTraffic(stack.url), audit, model_ref="recommender@canary"
+    )
+    assert event is not None
+    return result.decision, LocalTraffic(stack.url).canary_percent(), event.details
+
+
+@pytest.mark.timeout(240)
+def test_worse_canary_is_rolled_back_and_gets_no_more_traffic(
+    worse_canary: LocalCanary,
+) -> None:
+    variants = shop(worse_canary, 200)
+
+    decision, percent, details = analyze_and_apply(worse_canary)
+    after = shop(worse_canary, 30)
+
+    assert 60 <= variants.count("canary") <= 140
+    assert decision == "rollback"
+    assert percent == 0
+    assert set(after) == {"stable"}
+    assert details["canary"]["hit_rate"] == 0.0
+    assert details["stable"]["hit_rate"] > 0.4
+    assert "shopper-" not in worse_canary.impressions.read_text()
+
+
+@pytest.mark.timeout(240)
+def test_better_canary_is_promoted_and_takes_all_traffic(
+    better_canary: LocalCanary,
+) -> None:
+    shop(better_canary, 200)
+
+    decision, percent, details = analyze_and_apply(better_canary)
+    after = shop(better_canary, 30)
+    again, percent_again, repeated = analyze_and_apply(better_canary)
+
+    assert decision == "promote"
+    assert percent == 100
+    assert set(after) == {"canary"}
+    assert details["canary"]["hit_rate"] > details["stable"]["hit_rate"]
+    assert (again, percent_again) == ("promote", 100)
+    assert repeated["traffic_changed"] is False
+    events = audit_log_from_settings(load_settings()).query("recommender")
+    assert [e.details["decision"] for e in events] == ["promote", "promote"]

@@ -1,0 +1,306 @@
+"""Serving additions in-process: micro-batching, filters, explanations, request limits.
+
+Uses the tiny seeded artifact of ``test_recommender``; requests go through KServe's
+``Model.__call__`` as the server runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferInput, InferRequest
+
+from serving.admission import AdmissionMiddleware, is_inference_path
+from serving.batching import BatchStats, MicroBatcher
+from serving.recommender import (
+    MAX_LIST_ITEMS,
+    MAX_ROWS,
+    RecommenderModel,
+    explain_items,
+    rank_items,
+)
+from tests.unit.test_recommender import item_id, write_tiny_artifact
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_artifact(tmp_path_factory.mktemp("artifact") / "model")
+
+
+@pytest.fixture(scope="module")
+def model(artifact_dir: Path) -> RecommenderModel:
+    categories = {item_id(i): "even" if i % 2 == 0 else "odd" for i in range(1, 31)}
+    recommender = RecommenderModel(
+        "recommender", artifact_dir, None, None, item_categories=categories
+    )
+    assert recommender.load() is True
+    return recommender
+
+
+def call(model: RecommenderModel, body: Any, verb: str = "predict") -> Any:
+    from kserve.model import InferenceVerb
+
+    chosen = InferenceVerb.EXPLAIN if verb == "explain" else InferenceVerb.PREDICT
+    response, _ = asyncio.run(model(body, headers={}, verb=chosen))
+    return response
+
+
+# --- micro-batching ---------------------------------------------------------------
+
+
+def test_concurrent_requests_share_one_batch_in_order() -> None:
+    calls: list[list[int]] = []
+    stats: list[BatchStats] = []
+
+    def double(rows: list[int]) -> list[int]:
+        calls.append(rows)
+        return [2 * row for row in rows]
+
+    batcher = MicroBatcher(
+        double, max_batch_size=64, max_wait_ms=50, on_batch=stats.append
+    )
+
+    async def burst() -> list[list[int]]:
+        return await asyncio.gather(*(batcher.submit([i, i + 100]) for i in range(5)))
+
+    results = asyncio.run(burst())
+
+    assert results == [[2 * i, 2 * (i + 100)] for i in range(5)]
+    assert len(calls) == 1
+    assert stats[0].requests == 5
+    assert stats[0].rows == 10
+
+
+def test_a_failing_request_does_not_fail_its_batch_neighbours() -> None:
+    def reject_negative(rows: list[int]) -> list[int]:
+        if any(row < 0 for row in rows):
+            raise ValueError(f"negative row in {rows}")
+        return rows
+
+    batcher = MicroBatcher(reject_negative, max_batch_size=64, max_wait_ms=50)
+
+    async def burst() -> list[Any]:
+        return await asyncio.gather(
+            batcher.submit([1]),
+            batcher.submit([-1]),
+            batcher.submit([3]),
+            return_exceptions=True,
+        )
+
+    first, failed, third = asyncio.run(burst())
+
+    assert first == [1]
+    assert third == [3]
+    assert isinstance(failed, ValueError)
+    assert "negative row in [-1]" in str(failed)
+
+
+def test_batches_run_off_the_event_loop_thread() -> None:
+    threads: list[str] = []
+
+    def record(rows: list[int]) -> list[int]:
+        threads.append(threading.current_thread().name)
+        return rows
+
+    batcher = MicroBatcher(record, max_wait_ms=0)
+    asyncio.run(batcher.submit([1]))
+
+    assert threads and threads[0] != threading.current_thread().name
+
+
+def test_batcher_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="max_batch_size=0 must be at least 1"):
+        MicroBatcher(list, max_batch_size=0)
+
+
+def test_model_batches_rows_of_concurrent_requests(model: RecommenderModel) -> None:
+    async def burst() -> list[Any]:
+        bodies = [{"instances": [{"item_ids": [item_id(i)], "k": 3}]} for i in (1, 2)]
+        return await asyncio.gather(*(model(body, headers={}) for body in bodies))
+
+    (first, _), (second, _) = asyncio.run(burst())
+    alone = call(model, {"instances": [{"item_ids": [item_id(2)], "k": 3}]})
+
+    assert second["predictions"][0]["item_ids"] == alone["predictions"][0]["item_ids"]
+    assert item_id(1) not in first["predictions"][0]["item_ids"]
+
+
+# --- business filters ---------------------------------------------------------------
+
+
+def test_excluded_items_and_categories_never_come_back(model: RecommenderModel) -> None:
+    body = {
+        "instances": [
+            {"item_ids": [], "k": 5, "exclude_item_ids": [item_id(30), "nope"]},
+            {"item_ids": [], "k": 5, "exclude_categories": ["even"]},
+        ]
+    }
+
+    by_item, by_category = call(model, body)["predictions"]
+
+    # Popularity equals the index: 30 is the best, so it is the one to miss.
+    assert by_item["item_ids"] == [item_id(i) for i in (29, 28, 27, 26, 25)]
+    assert by_category["item_ids"] == [item_id(i) for i in (29, 27, 25, 23, 21)]
+
+
+def test_v2_filters_apply_to_every_row(model: RecommenderModel) -> None:
+    request = InferRequest(
+        "recommender",
+        [
+            InferInput("item_ids", [2, 1], "BYTES", ["", ""]),
+            InferInput("k", [1], "INT32", [2]),
+            InferInput("exclude_item_ids", [1], "BYTES", [item_id(30)]),
+        ],
+        request_id="r",
+    )
+
+    response = call(model, request)
+
+    items = {output.name: output.as_numpy() for output in response.outputs}["item_ids"]
+    assert items.tolist() == [[item_id(29), item_id(28)]] * 2
+
+
+def test_rank_items_excludes_given_indices(artifact_dir: Path) -> None:
+    from shopml.artifact import load_model_artifact
+
+    artifact = load_model_artifact(artifact_dir)
+
+    [(items, _)] = rank_items(artifact, [[]], [3], excluded=[[30, 28]])
+
+    assert items == [29, 27, 26]
+
+
+def test_category_filter_without_catalog_is_a_400(artifact_dir: Path) -> None:
+    plain = RecommenderModel("recommender", artifact_dir, None, None)
+    assert plain.load()
+
+    with pytest.raises(InvalidInput, match="started without a catalog"):
+        call(plain, {"instances": [{"item_ids": [], "exclude_categories": ["x"]}]})
+
+
+# --- explanations -------------------------------------------------------------------
+
+
+def test_explanations_are_the_most_similar_history_items(artifact_dir: Path) -> None:
+    from shopml.artifact import load_model_artifact
+
+    artifact = load_model_artifact(artifact_dir)
+    history, items = [1, 2, 3, 4, 5], [10, 20]
+    weight = artifact.model.item_embedding.weight.detach()
+
+    explained = explain_items(artifact, history, items, top_n=2)
+
+    for item, contributions in zip(items, explained, strict=True):
+        expected = sorted(history, key=lambda h: float(weight[item] @ weight[h]))[::-1]
+        assert [index for index, _ in contributions] == expected[:2]
+        assert contributions[0][1] == pytest.approx(
+            float(weight[item] @ weight[expected[0]]), rel=1e-5
+        )
+    assert explain_items(artifact, [], items) == [[], []]
+
+
+def test_explain_verb_adds_explanations_predict_does_not(
+    model: RecommenderModel,
+) -> None:
+    body = {"instances": [{"item_ids": [item_id(1), item_id(2)], "k": 2}]}
+
+    [explained] = call(model, body, verb="explain")["predictions"]
+    [predicted] = call(model, body)["predictions"]
+    [asked] = call(model, {"instances": [{**body["instances"][0], "explain": True}]})[
+        "predictions"
+    ]
+
+    assert "explanations" not in predicted
+    assert explained["item_ids"] == predicted["item_ids"]
+    assert asked["explanations"] == explained["explanations"]
+    assert [len(c) for c in explained["explanations"]] == [2, 2]
+    assert {c["item_id"] for c in explained["explanations"][0]} == {
+        item_id(1),
+        item_id(2),
+    }
+
+
+# --- request limits -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        pytest.param(
+            {"instances": [{"item_ids": []}] * (MAX_ROWS + 1)},
+            f"has {MAX_ROWS + 1} rows; at most {MAX_ROWS}",
+            id="rows",
+        ),
+        pytest.param(
+            {"instances": [{"item_ids": ["1"] * (MAX_LIST_ITEMS + 1)}]},
+            rf"instances\[0\].item_ids has {MAX_LIST_ITEMS + 1} ids",
+            id="history",
+        ),
+        pytest.param(
+            {"instances": [{"item_ids": [], "explain": "yes"}]},
+            r"instances\[0\].explain='yes' must be true or false",
+            id="explain-type",
+        ),
+        pytest.param(
+            {"instances": [{"item_ids": [], "exclude_item_ids": "101"}]},
+            r"exclude_item_ids must be a list of item id strings",
+            id="filter-type",
+        ),
+    ],
+)
+def test_oversized_or_malformed_rows_are_invalid_input(
+    model: RecommenderModel, body: dict[str, Any], expected: str
+) -> None:
+    with pytest.raises(InvalidInput, match=expected):
+        call(model, body)
+
+
+def test_admission_knows_inference_routes() -> None:
+    assert is_inference_path("/v1/models/recommender:predict")
+    assert is_inference_path("/v1/models/recommender:explain")
+    assert is_inference_path("/v2/models/recommender/infer")
+    assert not is_inference_path("/v2/health/ready")
+    assert not is_inference_path("/metrics")
+
+
+def test_admission_sheds_beyond_its_limit_and_never_health() -> None:
+    gate = asyncio.Event()
+    sent: list[tuple[str, int]] = []
+
+    async def slow_app(scope: Any, receive: Any, send: Any) -> None:
+        await gate.wait()
+
+    async def run() -> None:
+        middleware = AdmissionMiddleware(slow_app, max_in_flight=1)
+
+        async def send_for(path: str) -> Any:
+            async def send(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    sent.append((path, message["status"]))
+
+            return send
+
+        async def request(path: str) -> None:
+            scope = {"type": "http", "path": path, "headers": []}
+            await middleware(scope, _no_body, await send_for(path))
+
+        first = asyncio.create_task(request("/v1/models/m:predict"))
+        await asyncio.sleep(0)
+        await request("/v1/models/m:predict")  # shed at once
+        health = asyncio.create_task(request("/v1/models/m"))
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(first, health)
+
+    asyncio.run(run())
+
+    assert sent == [("/v1/models/m:predict", 503)]
+
+
+async def _no_body() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
