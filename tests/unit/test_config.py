@@ -34,7 +34,9 @@ def test_s3_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_endpoint_with_scheme_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHOPML_S3_ENDPOINT", "http://127.0.0.1:9000")
-    with pytest.raises(ValueError, match=re.escape("SHOPML_S3_ENDPOINT='http://127.0.0.1:9000'")):
+    with pytest.raises(
+        ValueError, match=re.escape("SHOPML_S3_ENDPOINT='http://127.0.0.1:9000'")
+    ):
         load_settings()
 
 

@@ -286,7 +286,9 @@ def test_second_run_on_same_data_changes_nothing_online(tmp_path: Path) -> None:
 
     assert again.materialization == "incremental"
     assert online_rows(settings) == before
-    assert len(before["user_activity"]) == 2 * 25  # two users x 24 activity features + seen
+    assert (
+        len(before["user_activity"]) == 2 * 25
+    )  # two users x 24 activity features + seen
 
 
 def test_incremental_run_picks_up_new_events(tmp_path: Path) -> None:
