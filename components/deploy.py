@@ -677,6 +677,7 @@ def deploy_model(
     name: str = "recommender",
     *,
     storage_uri: str = "",
+    model_asset: str = "",
     cluster: ClusterTarget | None = None,
     api: Any = None,
 ) -> str:
@@ -688,7 +689,11 @@ def deploy_model(
         port: HTTP port of a local server; 0 picks a free one.
         name: the model name in the URLs.
         storage_uri: ``kserve`` only: where the cluster finds the model version,
-            ``s3://<bucket>/models/<name>/<version>``.
+            ``s3://<bucket>/models/<name>/<version>``; derived from ``model_asset``
+            when empty.
+        model_asset: the model's asset ref (``recommender@<version>``, set by the
+            train stage); once served, that version is marked live so retention
+            never prunes it.
         cluster: ``kserve`` only: the InferenceService to roll out to; default
             ``ClusterTarget(name=name)``.
         api: ``kserve`` only: a ``kubernetes.client.CustomObjectsApi``; default
@@ -704,17 +709,43 @@ def deploy_model(
         DeploymentError: the local server did not become ready.
     """
     if target == "local":
-        return deploy_local(model_dir, port=port, name=name).endpoint
-    if target == "kserve":
-        if not storage_uri:
-            raise ValueError(
-                "target='kserve' needs storage_uri, the model version in the object "
-                "store (s3://<bucket>/models/<name>/<version>)"
-            )
+        endpoint = deploy_local(model_dir, port=port, name=name).endpoint
+    elif target == "kserve":
+        storage_uri = storage_uri or _asset_storage_uri(model_asset)
         cluster = cluster or ClusterTarget(name=name)
         deploy_kserve(storage_uri, cluster, api=api)
-        return cluster.endpoint
-    raise ValueError(f"target={target!r} is not a deploy target; use one of {TARGETS}")
+        endpoint = cluster.endpoint
+    else:
+        raise ValueError(
+            f"target={target!r} is not a deploy target; use one of {TARGETS}"
+        )
+    if model_asset:
+        _mark_served(model_asset)
+    return endpoint
+
+
+def _asset_storage_uri(model_asset: str) -> str:
+    """``s3://<bucket>/models/<name>/<version>`` of a model asset ref."""
+    settings = load_settings()
+    if not model_asset or "@" not in model_asset:
+        raise ValueError(
+            f"target='kserve' needs storage_uri or a model asset ref (name@version), "
+            f"got model_asset={model_asset!r}"
+        )
+    if settings.s3 is None:
+        raise ValueError(
+            "target='kserve' serves models from the object store: set SHOPML_S3_ENDPOINT "
+            "(MinIO) so the model asset lives where the cluster can read it"
+        )
+    name, version = model_asset.split("@", 1)
+    return f"s3://{settings.s3.bucket}/models/{name}/{version}"
+
+
+def _mark_served(model_asset: str) -> None:
+    from shopml.assets import asset_store_from_settings, mark_live
+
+    name, version = model_asset.split("@", 1)
+    mark_live(asset_store_from_settings(load_settings()), name, version)
 
 
 @stage_component
@@ -752,5 +783,6 @@ def deploy(
         target=target,
         port=port,
         storage_uri=storage_uri,
+        model_asset=str(model.metadata.get("asset", "")),
         cluster=cluster if target == "kserve" else None,
     )

@@ -301,6 +301,23 @@ def test_cluster_target_needs_a_storage_uri_and_unknown_targets_are_rejected(
         deploy_model(tmp_path, target="k8s")
 
 
+def test_cluster_model_location_comes_from_the_model_asset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from components.deploy import _asset_storage_uri
+
+    with pytest.raises(ValueError, match="set SHOPML_S3_ENDPOINT"):
+        _asset_storage_uri("recommender@abc123")
+    monkeypatch.setenv("SHOPML_S3_ENDPOINT", "127.0.0.1:9")
+    monkeypatch.setenv("SHOPML_S3_ACCESS_KEY", "a")
+    monkeypatch.setenv("SHOPML_S3_SECRET_KEY", "b")
+    monkeypatch.setenv("SHOPML_S3_BUCKET", "assets")
+    assert (
+        _asset_storage_uri("recommender@abc123")
+        == "s3://assets/models/recommender/abc123"
+    )
+
+
 def test_split_endpoint_rejects_a_url_without_model_path() -> None:
     assert split_endpoint("http://127.0.0.1:9/v1/models/rec") == (
         "http://127.0.0.1:9",
