@@ -14,7 +14,7 @@ IMAGE_TAG ?= 0.1.0
 TORCH_VARIANT ?= cpu
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-unit test-integration lint format typecheck compile serve services images bench-data bench-features clean
+.PHONY: help install run test test-slow test-unit test-integration lint format typecheck compile serve services images bench-data bench-features bench-search clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -36,8 +36,11 @@ services: ## Install the services the tests start on 127.0.0.1 (redis-server)
 	    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
 	  else echo "redis-server is needed by the tests: install it (e.g. apt-get install redis-server)"; exit 1; fi; }
 
-test: install services lint typecheck ## Lint, type-check and run every test
-	$(BIN)/pytest
+test: install services lint typecheck ## Lint, type-check and run every test but the slow ones
+	$(BIN)/pytest -m "not slow"
+
+test-slow: install services ## The slow tests (real-catalog search evaluation, many minutes)
+	$(BIN)/pytest -m slow
 
 test-unit: install ## Only the fast unit tests
 	$(BIN)/pytest tests/unit
@@ -67,6 +70,9 @@ bench-data: install ## Benchmark ingest -> clean -> store of 10 M synthetic even
 
 bench-features: install services ## p50/p99 of one user's serving features from Redis, vs raw redis-py
 	$(BIN)/python benchmarks/bench_features.py
+
+bench-search: install ## p50/p99 of one search query over 100k items, through the server
+	$(BIN)/python benchmarks/bench_search.py
 
 images: ## Build the component and serving images (needs a container engine)
 	$(CONTAINER_TOOL) build -f images/Dockerfile.components --build-arg TORCH_VARIANT=$(TORCH_VARIANT) -t $(IMAGE_REGISTRY)/shopml:$(IMAGE_TAG) .

@@ -16,6 +16,8 @@ from components.evaluate import evaluate
 from components.features import features
 from components.ingest import ingest
 from components.monitor import monitor
+from components.search_eval import search_eval
+from components.search_index import search_index
 from components.store import store
 from components.train import train
 from pipelines.platform import on_cluster, on_gpu, transient
@@ -118,6 +120,17 @@ def lifecycle_pipeline(
     # Feast-sourced training reads the offline store the features stage writes.
     train_task.after(features_task)
     on_gpu(on_cluster(train_task, cpu="4", memory="8Gi"), gpus)
+    # Search: a BM25 + MiniLM index over the catalog, evaluated with and without the
+    # recommender's personalization.
+    search_index_task = search_index(curated=curated)
+    on_cluster(search_index_task, memory="4Gi")
+    search_eval_task = search_eval(
+        index=search_index_task.outputs["index"],
+        curated=curated,
+        model=train_task.outputs["model"],
+    )
+    on_cluster(search_eval_task, memory="4Gi")
+
     evaluate_task = evaluate(
         curated=curated, model=train_task.outputs["model"], min_lift=min_lift
     )

@@ -20,6 +20,7 @@ import typer
 
 from shopml.cli_assets import assets_app, synth
 from shopml.cli_features import events_app
+from shopml.cli_search import app as search_app
 from shopml.cli_security import audit_app, forget, security_app
 from shopml.cli_serving import canary_app
 from shopml.cli_serving import deploy as deploy_command
@@ -44,6 +45,7 @@ app.add_typer(security_app, name="security")
 app.command("forget")(forget)
 app.command("deploy")(deploy_command)
 app.add_typer(canary_app, name="canary")
+app.add_typer(search_app, name="search")
 data_app.command("synth")(synth)
 
 DATASETS = ("movielens-100k",)

@@ -37,7 +37,7 @@ from shopml.security import load_pseudonymizer
 from tests.unit.test_features import write_tiny_curated
 from tests.unit.test_recommender import N_ITEMS, item_id
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 LIKED = {item_id(i) for i in range(26, 31)}  # the good ranking's top five
 POLICY = CanaryPolicy(min_requests=60, min_impressions=60)
