@@ -58,6 +58,7 @@ def lifecycle_pipeline(
     min_lift: float = 0.0,
     deploy_target: str = "local",
     monitor_users: int = 20,
+    search_eval_queries: int = 100,
 ) -> LifecycleOutputs:
     """Run the whole data-asset lifecycle once.
 
@@ -81,6 +82,8 @@ def lifecycle_pipeline(
         min_lift: relative NDCG@10 lift over popularity the model needs to pass the gate.
         deploy_target: ``local`` (a KServe ModelServer on this machine) or ``kserve``.
         monitor_users: how many users the monitor stage sends to the endpoint.
+        search_eval_queries: catalog-derived and basket-derived queries (each) in the
+            search evaluation.
 
     Returns:
         The endpoint URL and the evaluation table as JSON.
@@ -128,6 +131,8 @@ def lifecycle_pipeline(
         index=search_index_task.outputs["index"],
         curated=curated,
         model=train_task.outputs["model"],
+        n_items=search_eval_queries,
+        max_users=search_eval_queries,
     )
     on_cluster(search_eval_task, memory="4Gi")
 
