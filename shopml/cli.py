@@ -177,7 +177,9 @@ def _show_results(settings: Settings, result: Any, demo_users: int) -> None:
     )
     typer.echo(f"Full log          : {result.log_path}")
     typer.echo(f"Pipeline time     : {result.seconds:.0f} s")
-    typer.echo("Serve again       : shopml serve   (then see README for curl examples)")
+    typer.echo(
+        "Serve again       : .venv/bin/shopml serve   (curl examples in README.md)"
+    )
 
 
 @app.command("serve")
