@@ -7,6 +7,7 @@ early stopping on validation NDCG@10 (shopml.training) and saves the model artif
 interaction except the held-out test items. ``train`` below is the thin KFP component.
 """
 
+import argparse
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,15 +15,28 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from kfp import dsl
 
 from components.common import stage_component
-from shopml.artifact import save_model_artifact
+from shopml.artifact import (
+    ModelCard,
+    data_versions,
+    save_model_artifact,
+    save_model_card,
+)
 from shopml.features import split_for_training
 from shopml.models.baselines import PopularityRecommender
 from shopml.models.sasrec import SASRecConfig
+from shopml.models.text import TEXT_DIM, item_text_embeddings
 from shopml.sequences import LeaveOneOutSplit
-from shopml.training import TrainConfig, TrainResult, train_sasrec
+from shopml.training import (
+    Checkpointer,
+    TrainConfig,
+    TrainResult,
+    is_main_process,
+    train_sasrec,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +67,12 @@ class TrainParams:
             (point-in-time sequences from the offline feature store, as long as the
             features stage's max_seq_len; the features stage must run first). The
             validation and test targets are leave-one-out by time either way.
+        text_tower: fuse MiniLM embeddings of the item titles into the item
+            embeddings, so items without interactions can be recommended.
+        id_dropout: with the text tower, the chance an item's id embedding is hidden
+            in a training step (teaches the model to rank from text alone).
+        checkpoint_key: object-store key of the per-epoch checkpoint; a run with the
+            same key and configuration resumes from it. Empty: no checkpoints.
     """
 
     epochs: int = 200
@@ -70,6 +90,9 @@ class TrainParams:
     seed: int = 42
     show_progress: bool | None = None
     source: str = "events"
+    text_tower: bool = False
+    id_dropout: float = 0.0
+    checkpoint_key: str = ""
 
 
 @dataclass
@@ -157,6 +180,8 @@ def _configs(params: TrainParams, n_items: int) -> tuple[SASRecConfig, TrainConf
         dropout=params.dropout,
         loss=params.loss,
         n_negatives=params.n_negatives,
+        text_dim=TEXT_DIM if params.text_tower else 0,
+        id_dropout=params.id_dropout,
     )
     train_config = TrainConfig(
         epochs=params.epochs,
@@ -186,6 +211,22 @@ def _summary(
     )
 
 
+def _item_text(split: LeaveOneOutSplit, catalog: pd.DataFrame) -> torch.Tensor:
+    """MiniLM embeddings of every item's title, indexed like the split's items."""
+    titles = items_table(split, catalog)["title"].astype(str).tolist()
+    return item_text_embeddings(["", *titles])
+
+
+def _checkpointer(key: str) -> Checkpointer | None:
+    """A checkpointer on the configured object store, or None for an empty key."""
+    if not key:
+        return None
+    from shopml.config import load_settings
+    from shopml.storage import open_store
+
+    return Checkpointer(open_store(load_settings()), key)
+
+
 def train_model(
     curated_dir: Path, model_dir: Path, params: TrainParams | None = None
 ) -> TrainSummary:
@@ -209,7 +250,15 @@ def train_model(
     split = split_for_training(events, catalog, params.source)
     model_config, train_config = _configs(params, split.n_items)
 
-    result = train_sasrec(split, model_config, train_config)
+    result = train_sasrec(
+        split,
+        model_config,
+        train_config,
+        item_text=_item_text(split, catalog) if params.text_tower else None,
+        checkpointer=_checkpointer(params.checkpoint_key),
+    )
+    if not is_main_process():
+        return _summary(model_dir, split, result)  # rank 0 writes the artifact
 
     popularity = PopularityRecommender(split.n_items).fit(split.histories("test"))
     summary = _summary(model_dir, split, result)
@@ -221,6 +270,10 @@ def train_model(
         popularity.popularity,
         extra,
     )
+    card = ModelCard(
+        "sasrec", data_versions(curated_dir), asdict(params), extra["train"]
+    )
+    save_model_card(model_dir, card)
     logger.info(
         "train done model_dir=%s best_epoch=%d valid_ndcg_10=%.4f seconds=%.1f",
         model_dir,
@@ -292,3 +345,91 @@ def train(
     assets = asset_store_from_settings(load_settings())
     asset = register_model(assets, Path(model.path), Path(curated.path))
     model.metadata["asset"] = asset.ref
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Arguments of the command-line entry point (the PyTorchJob's interface)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m components.train",
+        description="Train SASRec on curated tables; under torchrun with DDP.",
+    )
+    parser.add_argument("--curated-uri", required=True, help="folder, s3://b/prefix")
+    parser.add_argument("--model-uri", required=True, help="folder, s3://b/prefix")
+    defaults = TrainParams()
+    for name in ("epochs", "max_seq_len", "hidden_size", "n_layers", "n_heads"):
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=int, default=getattr(defaults, name))
+    parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--text-tower", action="store_true")
+    parser.add_argument(
+        "--checkpoint-key", default="", help="object-store key; resumes after a kill"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train from URIs: ``torchrun --nproc-per-node=N -m components.train ...``.
+
+    Reads ``events.parquet`` and ``catalog.parquet`` under ``--curated-uri`` (a folder
+    or ``s3://bucket/prefix`` on the configured S3 endpoint), trains (DDP when
+    torchrun starts several processes) and rank 0 writes the model artifact under
+    ``--model-uri``.
+    """
+    import tempfile
+
+    from shopml.config import load_settings
+    from shopml.logs import configure_logging
+    from shopml.storage import download_uri
+
+    args = _parse_args(argv)
+    configure_logging()
+    settings = load_settings()
+    params = TrainParams(
+        epochs=args.epochs,
+        max_seq_len=args.max_seq_len,
+        hidden_size=args.hidden_size,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        device=args.device,
+        seed=args.seed,
+        text_tower=args.text_tower,
+        checkpoint_key=args.checkpoint_key,
+        show_progress=False,
+    )
+    with tempfile.TemporaryDirectory(prefix="shopml-train-") as tmp:
+        curated = Path(tmp) / "curated"
+        for name in (EVENTS_FILE, CATALOG_FILE):
+            download_uri(f"{args.curated_uri.rstrip('/')}/{name}", curated, settings)
+        model_dir = Path(tmp) / "model"
+        train_model(curated, model_dir, params)
+        if is_main_process():
+            _publish(model_dir, args.model_uri, settings)
+
+
+def _publish(model_dir: Path, uri: str, settings: Any) -> None:
+    """Copy the artifact folder to a local folder or under ``s3://bucket/prefix``."""
+    import shutil
+    from dataclasses import replace
+    from urllib.parse import urlparse
+
+    from shopml.storage import MinioStore
+
+    parsed = urlparse(uri)
+    if parsed.scheme in {"", "file"}:
+        shutil.copytree(model_dir, Path(parsed.path or uri), dirs_exist_ok=True)
+    elif parsed.scheme == "s3" and settings.s3 is not None:
+        store = MinioStore(replace(settings.s3, bucket=parsed.netloc))
+        prefix = parsed.path.strip("/")
+        for path in sorted(model_dir.iterdir()):
+            store.put_file(f"{prefix}/{path.name}" if prefix else path.name, path)
+    else:
+        raise ValueError(
+            f"--model-uri {uri!r}: use a folder, or s3://bucket/prefix with "
+            "SHOPML_S3_ENDPOINT set"
+        )
+    logger.info("model artifact published uri=%s", uri)
+
+
+if __name__ == "__main__":
+    main()

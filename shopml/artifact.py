@@ -5,6 +5,11 @@ Layout (see docs/architecture.md): ``model.pt`` (state_dict), ``config.json``
 ``popularity.npy`` (fallback ranking) and ``manifest.json`` with the sha256 and size of
 each, written last so a folder without a manifest is known to be incomplete. Loading
 verifies the manifest before reading anything else.
+
+Beside them, ``model_card.json`` (:class:`ModelCard`) documents the model: the data
+versions it was trained on, its parameters, its validation and test figures, the
+release gate's decision and its intended use. The card is not in the manifest, because
+the evaluate stage completes it after the weights are sealed.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,7 @@ CONFIG_FILE = "config.json"
 ITEMS_FILE = "items.parquet"
 POPULARITY_FILE = "popularity.npy"
 MANIFEST_FILE = "manifest.json"
+MODEL_CARD_FILE = "model_card.json"
 ARTIFACT_FILES = (MODEL_FILE, CONFIG_FILE, ITEMS_FILE, POPULARITY_FILE)
 MANIFEST_VERSION = 1
 
@@ -208,3 +215,106 @@ def load_model_artifact(path: Path) -> ModelArtifact:
         popularity=popularity,
         extra=dict(manifest.get("extra") or {}),
     )
+
+
+INTENDED_USE = (
+    "Next-item recommendation for signed-in shoppers from their recent interaction "
+    "history (product pages, 'you may also like' rails, personalised search "
+    "re-ranking). Not for decisions about people (credit, pricing, eligibility)."
+)
+LIMITATIONS = (
+    "Trained on logged interactions only: it reproduces their popularity and "
+    "exposure biases; items with no interactions are only reachable through the "
+    "text tower when the model has one; figures are leave-one-out offline estimates."
+)
+
+
+@dataclass
+class ModelCard:
+    """What a model is, what it was trained on, how good it is and what it is for.
+
+    Attributes:
+        model: model family, e.g. ``"sasrec"``.
+        created_at: ISO-8601 UTC time the card was first written.
+        data: input table -> content version (first 16 hex of its sha256).
+        parameters: training parameters and architecture.
+        training: training figures (best epoch, validation metrics, time, device).
+        evaluation: test figures per model and segment, filled by the evaluate stage.
+        gate: the release gate's decision and the figures it compared.
+        intended_use: who should use the model for what.
+        limitations: known weaknesses a user of the model must know.
+    """
+
+    model: str
+    data: dict[str, str]
+    parameters: dict[str, Any]
+    training: dict[str, Any]
+    created_at: str = field(
+        default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds")
+    )
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
+    intended_use: str = INTENDED_USE
+    limitations: str = LIMITATIONS
+
+    def to_json(self) -> str:
+        """The card as indented JSON."""
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelCard:
+        """Read a card written by :meth:`to_json`.
+
+        Raises:
+            ValueError: the text is not JSON or has unknown or missing fields.
+        """
+        try:
+            raw = json.loads(text)
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in raw.items() if k in known})
+        except (json.JSONDecodeError, TypeError, AttributeError) as err:
+            raise ValueError(f"not a model card: {err}") from err
+
+
+def file_version(path: Path) -> str:
+    """The content version of a file: the first 16 hex characters of its sha256."""
+    return _sha256(path)[:16]
+
+
+def data_versions(curated_dir: Path) -> dict[str, str]:
+    """The versions of the data in a curated folder, for the model card.
+
+    The store stage's ``versions.json`` (table -> ``name@version`` asset ref) when the
+    folder has one; otherwise the content version of every Parquet file in it.
+    """
+    refs_path = Path(curated_dir) / "versions.json"
+    if refs_path.is_file():
+        refs = json.loads(refs_path.read_text(encoding="utf-8"))
+        return {str(name): str(ref) for name, ref in sorted(refs.items())}
+    return {
+        path.stem: file_version(path)
+        for path in sorted(Path(curated_dir).glob("*.parquet"))
+    }
+
+
+def save_model_card(path: Path, card: ModelCard) -> Path:
+    """Write ``model_card.json`` into the model folder ``path``; returns its path."""
+    target = Path(path) / MODEL_CARD_FILE
+    target.write_text(card.to_json(), encoding="utf-8")
+    logger.info("model card written path=%s", target)
+    return target
+
+
+def load_model_card(path: Path) -> ModelCard | None:
+    """The model card of the folder ``path``; ``None`` when it has none.
+
+    Raises:
+        ArtifactError: the card exists but cannot be read.
+    """
+    target = Path(path) / MODEL_CARD_FILE
+    if not target.is_file():
+        return None
+    try:
+        return ModelCard.from_json(target.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ArtifactError(f"{target} is not a valid model card: {err}") from err

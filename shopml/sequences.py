@@ -244,3 +244,51 @@ def split_events(
     """
     vocab = build_item_vocab(events, catalog, event_types)
     return leave_one_out(build_user_sequences(events, vocab, event_types), vocab)
+
+
+def cold_start_split(
+    split: LeaveOneOutSplit, fraction: float, seed: int = 0
+) -> tuple[LeaveOneOutSplit, np.ndarray]:
+    """A split where some test targets are items that never occur before the test.
+
+    Draws ``fraction`` of the distinct test-target items as cold items and removes
+    every interaction with them from the training histories; a validation target
+    that is cold is dropped (that user is not validated). Test targets are unchanged,
+    so users whose target is cold measure pure item cold start (no model has seen the
+    item in any history).
+
+    Args:
+        split: a leave-one-out split.
+        fraction: share of the distinct test-target items made cold, in (0, 1).
+        seed: seed of the draw.
+
+    Returns:
+        The new split (same vocabulary and users) and the sorted cold item indices.
+
+    Raises:
+        ValueError: ``fraction`` is outside (0, 1).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction={fraction} must be in (0, 1)")
+    targets = np.unique(split.test_items[split.test_items > 0])
+    rng = np.random.default_rng(seed)
+    n_cold = max(1, round(len(targets) * fraction))
+    cold = np.sort(rng.choice(targets, size=n_cold, replace=False))
+
+    train_seqs = [seq[~np.isin(seq, cold)] for seq in split.train_seqs]
+    valid_items = np.where(np.isin(split.valid_items, cold), 0, split.valid_items)
+    logger.info(
+        "cold-start split cold_items=%d cold_test_users=%d",
+        len(cold),
+        int(np.isin(split.test_items, cold).sum()),
+    )
+    return (
+        LeaveOneOutSplit(
+            split.vocab,
+            list(split.user_ids),
+            train_seqs,
+            valid_items,
+            split.test_items.copy(),
+        ),
+        cold,
+    )

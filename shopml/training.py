@@ -8,27 +8,42 @@ The loop evaluates on the validation targets every ``eval_every`` epochs, keeps 
 weights and stops after ``patience`` evaluations without improvement (once ``min_steps``
 steps are done). CPU runs are seeded and deterministic; on CUDA the forward pass runs
 under autocast (bf16, else fp16 with a gradient scaler).
+
+With a :class:`Checkpointer` the loop saves everything it needs to continue (weights,
+optimiser, schedule, random generators, best weights, history) to the object store at
+the end of every epoch, and a new run with the same checkpointer resumes from there:
+after a kill, the resumed run ends with the same weights as an uninterrupted one.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the loop trains with DistributedDataParallel:
+every rank draws the same shuffled windows and takes its share of every batch, the
+gradients are averaged, every rank evaluates the same weights (so they agree on early
+stopping) and only rank 0 writes checkpoints.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+import torch.distributed as dist
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from shopml.config import load_settings
 from shopml.evaluation import evaluate_scorer
 from shopml.models.sasrec import SASRec, SASRecConfig, left_pad
 from shopml.sequences import LeaveOneOutSplit
+from shopml.storage import ObjectStore, check_key
 
 logger = logging.getLogger(__name__)
 
@@ -215,164 +230,115 @@ class _Precision:
         return torch.autocast(device_type="cuda", dtype=self.dtype)
 
 
-def _train_epoch(
-    model: SASRec,
-    windows: tuple[Tensor, Tensor],
-    *,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    config: TrainConfig,
-    precision: _Precision,
-    rng: np.random.Generator,
-) -> float:
-    """One pass over shuffled windows; returns the mean training loss."""
-    model.train()
-    device = next(model.parameters()).device
-    item_seq, pos_items = windows
-    order = torch.from_numpy(rng.permutation(item_seq.size(0)))
-    total, n_batches = 0.0, 0
-    for start in range(0, len(order), config.batch_size):
-        batch = order[start : start + config.batch_size]
-        with precision.autocast():
-            loss = model.calculate_loss(
-                item_seq[batch].to(device), pos_items[batch].to(device)
-            )
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in a (possibly one-process) training job.
 
-        optimizer.zero_grad(set_to_none=True)
-        if precision.scaler is not None:
-            precision.scaler.scale(loss).backward()
-            precision.scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        if precision.scaler is not None:
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
+    Attributes:
+        rank: global rank, 0 for the process that logs and writes.
+        world_size: number of processes.
+        local_rank: rank on this node; picks the GPU.
+    """
 
-        total += float(loss.detach())
-        n_batches += 1
-        logger.debug("batch=%d loss=%.4f", n_batches, float(loss.detach()))
-    return total / max(n_batches, 1)
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_distributed(self) -> bool:
+        """Whether more than one process trains."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process logs, checkpoints and writes the artifact."""
+        return self.rank == 0
 
 
-def _evaluate_valid(
-    model: SASRec, split: LeaveOneOutSplit, device: torch.device
-) -> dict[str, float]:
-    """Validation metrics of the model in eval mode."""
-    model.eval()
-    return evaluate_scorer(
-        model.full_sort_scores,
-        split,
-        stage="valid",
-        max_seq_len=model.config.max_seq_len,
-        device=device,
-    )
+def init_distributed(device: torch.device) -> DistContext:
+    """Join the process group ``torchrun`` describes in the environment.
 
-
-def train_sasrec(
-    split: LeaveOneOutSplit,
-    model_config: SASRecConfig,
-    train_config: TrainConfig | None = None,
-) -> TrainResult:
-    """Train SASRec on the training histories, early-stopping on validation NDCG@10.
+    A plain run (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) starts no group. The backend
+    is NCCL on CUDA, gloo on the CPU.
 
     Args:
-        split: the leave-one-out split; only training histories feed the gradients.
-        model_config: the architecture; ``n_items`` must equal ``split.n_items``.
-        train_config: optimisation settings; defaults when ``None``.
+        device: the device this process trains on.
 
     Returns:
-        The best model on the CPU, with its validation metrics and the history.
+        This process's rank, the world size and its local rank.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext()
+    context = DistContext(
+        rank=int(os.environ["RANK"]),
+        world_size=world_size,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+        logger.info(
+            "process group joined backend=%s rank=%d world_size=%d",
+            backend,
+            context.rank,
+            world_size,
+        )
+    return context
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 (always, outside a distributed job)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+class _LossModule(nn.Module):
+    """Routes the loss through ``forward`` so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: SASRec) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, item_seq: Tensor, pos_items: Tensor) -> Tensor:
+        return self.model.calculate_loss(item_seq, pos_items)
+
+
+class Checkpointer:
+    """Saves and restores the training state under one key of an object store.
+
+    Args:
+        store: where checkpoints live (a local folder or MinIO/S3).
+        key: the object key, e.g. ``checkpoints/recommender/last.pt``.
 
     Raises:
-        ValueError: the configs disagree with the data, or no user has two training
-            items to learn a next-item pair from.
+        ValueError: the key is not a valid object key.
     """
-    config = train_config or TrainConfig()
-    if model_config.n_items != split.n_items:
-        raise ValueError(
-            f"model_config.n_items={model_config.n_items} but the split has "
-            f"{split.n_items} items; build the config from split.n_items"
+
+    def __init__(self, store: ObjectStore, key: str) -> None:
+        self.store = store
+        self.key = check_key(key)
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write ``state`` (tensors, numbers, strings, dicts) atomically."""
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        self.store.put_bytes(self.key, buffer.getvalue())
+        logger.debug("checkpoint saved key=%s epoch=%s", self.key, state.get("epoch"))
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state, or ``None`` when there is no checkpoint yet."""
+        if not self.store.exists(self.key):
+            return None
+        data = self.store.get_bytes(self.key)
+        state: dict[str, Any] = torch.load(
+            io.BytesIO(data), map_location="cpu", weights_only=False
         )
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    model = SASRec(model_config).to(device)
+        return state
 
-    windows = training_windows(split.train_seqs, model_config.max_seq_len, rng)
-    if windows[0].size(0) == 0:
-        raise ValueError("no user has 2 or more training items: nothing to learn from")
-    optimizer = _optimizer(model, config)
-    total_steps = math.ceil(windows[0].size(0) / config.batch_size) * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(total_steps, config.warmup_ratio)
-    )
-    logger.info(
-        "training start device=%s windows=%d items=%d params=%d",
-        device,
-        windows[0].size(0),
-        split.n_items,
-        sum(p.numel() for p in model.parameters()),
-    )
-
-    started = time.monotonic()
-    best, history = _fit(model, split, windows, optimizer, scheduler, config, rng)
-    return _finish(model, best, history, started, device)
-
-
-def _fit(
-    model: SASRec,
-    split: LeaveOneOutSplit,
-    windows: tuple[Tensor, Tensor],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    config: TrainConfig,
-    rng: np.random.Generator,
-) -> tuple[_BestState, list[EpochRecord]]:
-    """The epoch loop: train, evaluate, log, keep the best weights, stop early."""
-    device = next(model.parameters()).device
-    precision = _Precision(device)
-    best = _BestState()
-    history: list[EpochRecord] = []
-    steps = 0
-    bar = tqdm(range(1, config.epochs + 1), desc="train", disable=not _show(config))
-    for epoch in bar:
-        epoch_start = time.monotonic()
-        if epoch > 1:
-            windows = training_windows(split.train_seqs, model.config.max_seq_len, rng)
-        steps += math.ceil(windows[0].size(0) / config.batch_size)
-        loss = _train_epoch(
-            model,
-            windows,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            config=config,
-            precision=precision,
-            rng=rng,
-        )
-
-        valid = None
-        if epoch % config.eval_every == 0 or epoch == config.epochs:
-            valid = _evaluate_valid(model, split, device)
-            best.update(epoch, valid, model)
-        record = EpochRecord(epoch, loss, valid, time.monotonic() - epoch_start)
-        history.append(record)
-        _log_epoch(record, bar)
-        if best.stale_evaluations >= config.patience and steps >= config.min_steps:
-            logger.info("early stop epoch=%d best_epoch=%d", epoch, best.epoch)
-            break
-    bar.close()
-    return best, history
-
-
-def _show(config: TrainConfig) -> bool:
-    """Whether to draw the progress bar: the config's choice, else the settings'."""
-    if config.show_progress is None:
-        return load_settings().progress
-    return config.show_progress
+    def delete(self) -> None:
+        """Remove the checkpoint (after a finished run)."""
+        if self.store.exists(self.key):
+            self.store.delete(self.key)
 
 
 class _BestState:
@@ -396,6 +362,315 @@ class _BestState:
             k: v.detach().cpu().clone() for k, v in model.state_dict().items()
         }
 
+    def to_state(self) -> dict[str, Any]:
+        """A checkpointable copy."""
+        return {
+            "epoch": self.epoch,
+            "valid": dict(self.valid),
+            "state": self.state,
+            "stale_evaluations": self.stale_evaluations,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> _BestState:
+        """Rebuild from :meth:`to_state` output."""
+        best = cls()
+        best.epoch, best.valid = state["epoch"], dict(state["valid"])
+        best.state, best.stale_evaluations = state["state"], state["stale_evaluations"]
+        return best
+
+
+@dataclass
+class _Loop:
+    """Everything the epoch loop carries from one epoch to the next."""
+
+    model: SASRec
+    split: LeaveOneOutSplit
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    config: TrainConfig
+    rng: np.random.Generator
+    context: DistContext
+    runner: nn.Module
+    best: _BestState = field(default_factory=_BestState)
+    history: list[EpochRecord] = field(default_factory=list)
+    steps: int = 0
+    epoch: int = 0
+
+
+def _batches(n_windows: int, config: TrainConfig) -> int:
+    return math.ceil(n_windows / config.batch_size)
+
+
+def _train_epoch(
+    loop: _Loop, windows: tuple[Tensor, Tensor], precision: _Precision
+) -> float:
+    """One pass over shuffled windows; returns this rank's mean training loss.
+
+    Every rank draws the same permutation and takes every ``world_size``-th window of
+    each batch, so ranks step together; a batch too small to give every rank a
+    window is skipped by all of them.
+    """
+    loop.runner.train()
+    config, context = loop.config, loop.context
+    device = next(loop.model.parameters()).device
+    item_seq, pos_items = windows
+    order = torch.from_numpy(loop.rng.permutation(item_seq.size(0)))
+    total, n_batches = 0.0, 0
+    for start in range(0, len(order), config.batch_size):
+        batch = order[start : start + config.batch_size]
+        if len(batch) < context.world_size:
+            continue
+        batch = batch[context.rank :: context.world_size]
+        with precision.autocast():
+            loss = loop.runner(item_seq[batch].to(device), pos_items[batch].to(device))
+
+        loop.optimizer.zero_grad(set_to_none=True)
+        if precision.scaler is not None:
+            precision.scaler.scale(loss).backward()
+            precision.scaler.unscale_(loop.optimizer)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(loop.model.parameters(), config.max_grad_norm)
+        if precision.scaler is not None:
+            precision.scaler.step(loop.optimizer)
+            precision.scaler.update()
+        else:
+            loop.optimizer.step()
+        loop.scheduler.step()
+
+        total += float(loss.detach())
+        n_batches += 1
+        logger.debug("batch=%d loss=%.4f", n_batches, float(loss.detach()))
+    return total / max(n_batches, 1)
+
+
+def _evaluate_valid(
+    model: SASRec, split: LeaveOneOutSplit, device: torch.device
+) -> dict[str, float]:
+    """Validation metrics of the model in eval mode."""
+    model.eval()
+    return evaluate_scorer(
+        model.full_sort_scores,
+        split,
+        stage="valid",
+        max_seq_len=model.config.max_seq_len,
+        device=device,
+    )
+
+
+EpochCallback = Callable[["EpochRecord"], None]
+
+
+def train_sasrec(
+    split: LeaveOneOutSplit,
+    model_config: SASRecConfig,
+    train_config: TrainConfig | None = None,
+    *,
+    item_text: Tensor | None = None,
+    checkpointer: Checkpointer | None = None,
+    on_epoch_end: EpochCallback | None = None,
+) -> TrainResult:
+    """Train SASRec on the training histories, early-stopping on validation NDCG@10.
+
+    Args:
+        split: the leave-one-out split; only training histories feed the gradients.
+        model_config: the architecture; ``n_items`` must equal ``split.n_items``.
+        train_config: optimisation settings; defaults when ``None``.
+        item_text: float [n_items + 1, text_dim] item text embeddings for a model with
+            a text tower (``model_config.text_dim > 0``); ``None`` otherwise.
+        checkpointer: saves the state every epoch and resumes from a saved state with
+            the same configuration; ``None`` keeps nothing.
+        on_epoch_end: called with each epoch's record after its checkpoint is saved.
+
+    Returns:
+        The best model on the CPU, with its validation metrics and the history.
+
+    Raises:
+        ValueError: the configs disagree with the data, or no user has two training
+            items to learn a next-item pair from.
+    """
+    config = train_config or TrainConfig()
+    if model_config.n_items != split.n_items:
+        raise ValueError(
+            f"model_config.n_items={model_config.n_items} but the split has "
+            f"{split.n_items} items; build the config from split.n_items"
+        )
+    device = resolve_device(config.device)
+    context = init_distributed(device)
+    if device.type == "cuda" and context.is_distributed:
+        device = torch.device("cuda", context.local_rank)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model = SASRec(model_config, item_text=item_text)
+    model.set_seen_items(split.train_seqs)
+    model = model.to(device)
+
+    windows = training_windows(split.train_seqs, model_config.max_seq_len, rng)
+    if windows[0].size(0) == 0:
+        raise ValueError("no user has 2 or more training items: nothing to learn from")
+    loop = _make_loop(model, split, config, rng, context, windows[0].size(0))
+    _log_start(loop, windows[0].size(0))
+    if checkpointer is not None:
+        _resume(loop, checkpointer)  # later epochs redraw windows from restored rng
+
+    started = time.monotonic()
+    _fit(loop, windows, checkpointer, on_epoch_end)
+    return _finish(loop, started, device)
+
+
+def _make_loop(
+    model: SASRec,
+    split: LeaveOneOutSplit,
+    config: TrainConfig,
+    rng: np.random.Generator,
+    context: DistContext,
+    n_windows: int,
+) -> _Loop:
+    """Optimiser, schedule and (under torchrun) the DDP wrapper around the loss."""
+    optimizer = _optimizer(model, config)
+    total_steps = _batches(n_windows, config) * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(total_steps, config.warmup_ratio)
+    )
+    runner: nn.Module = _LossModule(model)
+    if context.is_distributed:
+        device_ids = (
+            [context.local_rank] if model.item_embedding.weight.is_cuda else None
+        )
+        runner = nn.parallel.DistributedDataParallel(runner, device_ids=device_ids)
+    return _Loop(model, split, optimizer, scheduler, config, rng, context, runner)
+
+
+def _log_start(loop: _Loop, n_windows: int) -> None:
+    logger.info(
+        "training start device=%s windows=%d items=%d params=%d world_size=%d",
+        next(loop.model.parameters()).device,
+        n_windows,
+        loop.split.n_items,
+        sum(p.numel() for p in loop.model.parameters()),
+        loop.context.world_size,
+    )
+
+
+def _fingerprint(loop: _Loop) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: both configs and the data size."""
+    train = asdict(loop.config)
+    train.pop("show_progress")
+    return {
+        "model": loop.model.config.to_dict(),
+        "train": train,
+        "n_train_interactions": sum(len(s) for s in loop.split.train_seqs),
+        "world_size": loop.context.world_size,
+    }
+
+
+def _state(loop: _Loop) -> dict[str, Any]:
+    """Everything needed to continue after ``loop.epoch``, on the CPU."""
+    return {
+        "fingerprint": _fingerprint(loop),
+        "epoch": loop.epoch,
+        "steps": loop.steps,
+        "model": {k: v.detach().cpu() for k, v in loop.model.state_dict().items()},
+        "optimizer": loop.optimizer.state_dict(),
+        "scheduler": loop.scheduler.state_dict(),
+        "numpy_rng": loop.rng.bit_generator.state,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "best": loop.best.to_state(),
+        "history": [asdict(record) for record in loop.history],
+    }
+
+
+def _resume(loop: _Loop, checkpointer: Checkpointer) -> bool:
+    """Restore the loop from the checkpoint; False when there is none to resume."""
+    state = checkpointer.load()
+    if state is None:
+        return False
+    if state.get("fingerprint") != _fingerprint(loop):
+        logger.warning(
+            "checkpoint key=%s is from another configuration or data; starting afresh",
+            checkpointer.key,
+        )
+        return False
+    loop.model.load_state_dict(state["model"])
+    loop.optimizer.load_state_dict(state["optimizer"])
+    loop.scheduler.load_state_dict(state["scheduler"])
+    loop.rng.bit_generator.state = state["numpy_rng"]
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    loop.best = _BestState.from_state(state["best"])
+    loop.history = [EpochRecord(**record) for record in state["history"]]
+    loop.epoch, loop.steps = state["epoch"], state["steps"]
+    logger.info("resumed from checkpoint key=%s epoch=%d", checkpointer.key, loop.epoch)
+    return True
+
+
+def _fit(
+    loop: _Loop,
+    windows: tuple[Tensor, Tensor],
+    checkpointer: Checkpointer | None,
+    on_epoch_end: EpochCallback | None,
+) -> None:
+    """The epoch loop: train, evaluate, log, checkpoint, keep the best, stop early."""
+    config = loop.config
+    device = next(loop.model.parameters()).device
+    precision = _Precision(device)
+    show = _show(config) and loop.context.is_main
+    bar = tqdm(
+        range(loop.epoch + 1, config.epochs + 1),
+        desc="train",
+        disable=not show,
+        initial=loop.epoch,
+        total=config.epochs,
+    )
+    for epoch in bar:
+        if _should_stop(loop):
+            break
+        epoch_start = time.monotonic()
+        if epoch > 1:
+            windows = training_windows(
+                loop.split.train_seqs,
+                loop.model.config.max_seq_len,
+                loop.rng,
+            )
+        loop.steps += _batches(windows[0].size(0), config)
+        loss = _train_epoch(loop, windows, precision)
+
+        valid = None
+        if epoch % config.eval_every == 0 or epoch == config.epochs:
+            valid = _evaluate_valid(loop.model, loop.split, device)
+            loop.best.update(epoch, valid, loop.model)
+        record = EpochRecord(epoch, loss, valid, time.monotonic() - epoch_start)
+        loop.history.append(record)
+        loop.epoch = epoch
+        if loop.context.is_main:
+            _log_epoch(record, bar)
+            if checkpointer is not None:
+                checkpointer.save(_state(loop))
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+    bar.close()
+
+
+def _should_stop(loop: _Loop) -> bool:
+    """Early stopping: ``patience`` stale evaluations once ``min_steps`` are done."""
+    stop = (
+        loop.best.stale_evaluations >= loop.config.patience
+        and loop.steps >= loop.config.min_steps
+    )
+    if stop and loop.context.is_main:
+        logger.info("early stop epoch=%d best_epoch=%d", loop.epoch, loop.best.epoch)
+    return stop
+
+
+def _show(config: TrainConfig) -> bool:
+    """Whether to draw the progress bar: the config's choice, else the settings'."""
+    if config.show_progress is None:
+        return load_settings().progress
+    return config.show_progress
+
 
 def _log_epoch(record: EpochRecord, bar: tqdm) -> None:
     """One INFO line per epoch, and the same figures on the progress bar."""
@@ -410,32 +685,27 @@ def _log_epoch(record: EpochRecord, bar: tqdm) -> None:
     bar.set_postfix(loss=f"{record.loss:.4f}", ndcg_10=f"{ndcg:.4f}")
 
 
-def _finish(
-    model: SASRec,
-    best: _BestState,
-    history: list[EpochRecord],
-    started: float,
-    device: torch.device,
-) -> TrainResult:
+def _finish(loop: _Loop, started: float, device: torch.device) -> TrainResult:
     """Restore the best weights on the CPU and summarise the run."""
-    model = model.cpu()
+    model, best = loop.model.cpu(), loop.best
     if best.state is not None:
         model.load_state_dict(best.state)
     model.eval()
     seconds = time.monotonic() - started
-    logger.info(
-        "training done epochs=%d best_epoch=%d valid_ndcg_10=%.4f seconds=%.1f",
-        len(history),
-        best.epoch,
-        best.valid.get(SELECTION_METRIC, float("nan")),
-        seconds,
-    )
+    if loop.context.is_main:
+        logger.info(
+            "training done epochs=%d best_epoch=%d valid_ndcg_10=%.4f seconds=%.1f",
+            len(loop.history),
+            best.epoch,
+            best.valid.get(SELECTION_METRIC, float("nan")),
+            seconds,
+        )
     return TrainResult(
         model=model,
         best_epoch=best.epoch,
         best_valid=copy.deepcopy(best.valid),
-        epochs_run=len(history),
+        epochs_run=len(loop.history),
         seconds=seconds,
         device=str(device),
-        history=history,
+        history=list(loop.history),
     )

@@ -5,6 +5,13 @@ split of RecBole's ``sequential_recommender/sasrec.py``: the forward pass, the
 training loss and full ranking are separate methods. The blocks are written out here in
 dependency order (attention, block, encoder, model), pre-LayerNorm as in GPT-2.
 
+Optional item-text tower (``text_dim > 0``): every item's title is embedded once by a
+frozen sentence encoder (shopml.models.text), and a learned projection of that vector
+is added to the item's id embedding, in the spirit of UniSRec (Hou et al., KDD 2022).
+An item nobody interacted with still has a meaningful representation, so it can be
+recommended (cold start). ``id_dropout`` hides the id part of random items during
+training so the model also learns to rank from text alone.
+
 Conventions: item index 0 is padding and never an item; real items are ``1..n_items``.
 Sequences are left-padded with 0 and hold the newest item last, so the last position is
 always the one that predicts the next item. Shapes use B batch, L sequence length,
@@ -41,6 +48,10 @@ class SASRecConfig:
             ``"sampled"`` softmax over ``n_negatives`` shared random items (large
             catalogs), ``"bce"`` one negative per position as in the paper.
         n_negatives: negatives per batch for the ``"sampled"`` loss.
+        text_dim: width of the item text embeddings fed to the text tower (384 for
+            MiniLM); 0 builds an id-only model.
+        id_dropout: probability that an item's id embedding is hidden during a
+            training step (text tower only), so the model learns to use text alone.
     """
 
     n_items: int
@@ -51,6 +62,8 @@ class SASRecConfig:
     dropout: float = 0.2
     loss: str = "ce"
     n_negatives: int = 256
+    text_dim: int = 0
+    id_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.n_items < 1:
@@ -72,6 +85,10 @@ class SASRecConfig:
             )
         if self.n_negatives < 1:
             raise ValueError(f"n_negatives={self.n_negatives} must be at least 1")
+        if self.text_dim < 0:
+            raise ValueError(f"text_dim={self.text_dim} must be 0 (no text) or more")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"id_dropout={self.id_dropout} must be in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as a JSON-ready dictionary."""
@@ -204,9 +221,18 @@ class SASRec(nn.Module):
 
     Args:
         config: architecture and loss; ``config.n_items`` fixes the item vocabulary.
+        item_text: float [n_items + 1, text_dim] frozen text embedding of every item
+            (row 0, padding, is ignored) when ``config.text_dim > 0``; ``None`` gives
+            zeros, to be filled by ``load_state_dict``.
+
+    Raises:
+        ValueError: ``item_text`` does not match ``n_items`` and ``text_dim``.
     """
 
-    def __init__(self, config: SASRecConfig) -> None:
+    item_text: Tensor  # buffer [N, text_dim], registered only with a text tower
+    item_seen: Tensor  # buffer bool [N], registered only with a text tower
+
+    def __init__(self, config: SASRecConfig, item_text: Tensor | None = None) -> None:
         super().__init__()
         self.config = config
         h = config.hidden_size
@@ -214,6 +240,13 @@ class SASRec(nn.Module):
         self.position_embedding = nn.Embedding(config.max_seq_len, h)
         self.emb_dropout = nn.Dropout(config.dropout)
         self.encoder = Encoder(config)
+        self.text_proj: nn.Linear | None = None
+        if config.text_dim > 0:
+            self.text_proj = nn.Linear(config.text_dim, h)
+            self.register_buffer("item_text", _check_text(item_text, config))
+            # Items seen in training; the others have untrained ids (see set_seen_items).
+            seen = torch.ones(config.n_items + 1, dtype=torch.bool)
+            self.register_buffer("item_seen", seen)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -227,11 +260,45 @@ class SASRec(nn.Module):
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()
 
-    def forward(self, item_seq: Tensor) -> Tensor:
+    def set_seen_items(self, item_seqs: Sequence[np.ndarray]) -> None:
+        """Mark the items that occur in the training histories (text tower only).
+
+        An unseen item keeps no id embedding (its id was never trained: it scores by
+        its text alone) and is left out of the full-softmax loss, which would
+        otherwise teach the model that it is never the next item.
+        """
+        if self.text_proj is None:
+            return
+        seen = torch.zeros_like(self.item_seen)
+        for seq in item_seqs:
+            seen[torch.as_tensor(np.asarray(seq), dtype=torch.long)] = True
+        seen[0] = False
+        self.item_seen.copy_(seen)
+
+    def item_table(self) -> Tensor:
+        """Float [N, H]: every item's representation, row 0 (padding) all zeros.
+
+        Id-only: the id embeddings. With the text tower: id embedding plus projected
+        text; in training, each item's id part is hidden with probability
+        ``id_dropout``.
+        """
+        table = self.item_embedding.weight  # [N, H]
+        if self.text_proj is None:
+            return table
+        table = table * self.item_seen[:, None]  # unseen items: text only
+        if self.training and self.config.id_dropout > 0:
+            keep = torch.rand(table.size(0), 1, device=table.device)
+            table = table * (keep >= self.config.id_dropout)
+        table = table + self.text_proj(self.item_text)  # [N, H]
+        return torch.cat([torch.zeros_like(table[:1]), table[1:]])
+
+    def forward(self, item_seq: Tensor, table: Tensor | None = None) -> Tensor:
         """Encode every position of left-padded histories.
 
         Args:
             item_seq: long [B, L], L <= max_seq_len, left-padded with 0, newest last.
+            table: float [N, H] item representations from :meth:`item_table`;
+                computed when ``None``.
 
         Returns:
             float [B, L, H]; position i summarises items up to and including i. Padding
@@ -246,13 +313,14 @@ class SASRec(nn.Module):
                 f"max_seq_len={self.config.max_seq_len}, "
                 f"got shape {tuple(item_seq.shape)}"
             )
+        table = self.item_table() if table is None else table
         length = item_seq.size(1)
         is_item = item_seq > 0  # [B, L]
 
         # Positions count from the right: the newest item always has the last one.
         start = self.config.max_seq_len - length
         positions = torch.arange(start, start + length, device=item_seq.device)  # [L]
-        x = self.item_embedding(item_seq) * math.sqrt(self.config.hidden_size)
+        x = F.embedding(item_seq, table) * math.sqrt(self.config.hidden_size)
         x = self.emb_dropout(x + self.position_embedding(positions))  # [B, L, H]
 
         x = self.encoder(x, self._attention_mask(is_item))  # [B, L, H]
@@ -273,9 +341,10 @@ class SASRec(nn.Module):
         mask = (causal & is_item[:, None, :]) | diagonal  # [B, L, L]
         return mask.unsqueeze(1)
 
-    def _item_logits(self, hidden: Tensor) -> Tensor:
+    def _item_logits(self, hidden: Tensor, table: Tensor | None = None) -> Tensor:
         """Scores of every item column: float [..., H] -> [..., N], column 0 = -inf."""
-        logits = hidden @ self.item_embedding.weight.T
+        table = self.item_table() if table is None else table
+        logits = hidden @ table.T
         logits[..., 0] = float("-inf")
         return logits
 
@@ -295,19 +364,23 @@ class SASRec(nn.Module):
         Returns:
             Scalar mean loss over the positions with a target.
         """
-        hidden = self.forward(item_seq)  # [B, L, H]
+        table = self.item_table()  # [N, H]
+        hidden = self.forward(item_seq, table)  # [B, L, H]
         has_target = pos_items > 0  # [B, L]
         hidden, pos_items = hidden[has_target], pos_items[has_target]  # [T, H], [T]
 
         if self.config.loss == "ce":
-            return F.cross_entropy(self._item_logits(hidden).float(), pos_items)
+            logits = self._item_logits(hidden, table)  # [T, N]
+            if self.text_proj is not None:  # unseen items are no negatives
+                logits = logits.masked_fill(~self.item_seen, float("-inf"))
+            return F.cross_entropy(logits.float(), pos_items)
         if self.config.loss == "sampled":
-            return self._sampled_softmax_loss(hidden, pos_items, neg_items)
+            return self._sampled_softmax_loss(hidden, pos_items, neg_items, table)
         if neg_items is None:
             neg_items = self._sample_items(pos_items.shape, pos_items.device)
         else:
             neg_items = neg_items[has_target]
-        return self._bce_loss(hidden, pos_items, neg_items)
+        return self._bce_loss(hidden, pos_items, neg_items, table)
 
     def _sample_items(
         self, shape: torch.Size | tuple[int, ...], device: torch.device
@@ -315,13 +388,17 @@ class SASRec(nn.Module):
         return torch.randint(1, self.config.n_items + 1, shape, device=device)
 
     def _sampled_softmax_loss(
-        self, hidden: Tensor, pos_items: Tensor, neg_items: Tensor | None
+        self,
+        hidden: Tensor,
+        pos_items: Tensor,
+        neg_items: Tensor | None,
+        table: Tensor,
     ) -> Tensor:
         """Softmax over the target and K shared negatives; hidden [T, H], pos [T]."""
         if neg_items is None:
             neg_items = self._sample_items((self.config.n_negatives,), hidden.device)
-        pos_emb = self.item_embedding(pos_items)  # [T, H]
-        neg_emb = self.item_embedding(neg_items)  # [K, H]
+        pos_emb = table[pos_items]  # [T, H]
+        neg_emb = table[neg_items]  # [K, H]
         pos_logit = (hidden * pos_emb).sum(-1, keepdim=True)  # [T, 1]
         neg_logits = hidden @ neg_emb.T  # [T, K]
         # A negative that happens to be the target is no negative.
@@ -332,10 +409,12 @@ class SASRec(nn.Module):
         target = torch.zeros(logits.size(0), dtype=torch.long, device=logits.device)
         return F.cross_entropy(logits, target)
 
-    def _bce_loss(self, hidden: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
+    def _bce_loss(
+        self, hidden: Tensor, pos_items: Tensor, neg_items: Tensor, table: Tensor
+    ) -> Tensor:
         """Binary loss with one negative per target; hidden [T, H], pos and neg [T]."""
-        pos_logit = (hidden * self.item_embedding(pos_items)).sum(-1).float()  # [T]
-        neg_logit = (hidden * self.item_embedding(neg_items)).sum(-1).float()  # [T]
+        pos_logit = (hidden * table[pos_items]).sum(-1).float()  # [T]
+        neg_logit = (hidden * table[neg_items]).sum(-1).float()  # [T]
         pos_loss = F.binary_cross_entropy_with_logits(
             pos_logit, torch.ones_like(pos_logit)
         )
@@ -354,5 +433,19 @@ class SASRec(nn.Module):
             float [B, n_items + 1]; column 0 (padding) is ``-inf``. History items are
             not masked here: callers exclude what they must.
         """
-        hidden = self.forward(item_seq)[:, -1, :]  # [B, H]
-        return self._item_logits(hidden)
+        table = self.item_table()  # [N, H]
+        hidden = self.forward(item_seq, table)[:, -1, :]  # [B, H]
+        return self._item_logits(hidden, table)
+
+
+def _check_text(item_text: Tensor | None, config: SASRecConfig) -> Tensor:
+    """The text buffer: ``item_text`` checked, or zeros to be loaded later."""
+    shape = (config.n_items + 1, config.text_dim)
+    if item_text is None:
+        return torch.zeros(shape)
+    if tuple(item_text.shape) != shape:
+        raise ValueError(
+            f"item_text has shape {tuple(item_text.shape)}, expected {shape} = "
+            "(n_items + 1, text_dim)"
+        )
+    return item_text.detach().float().clone()

@@ -14,11 +14,16 @@ import torch
 from shopml.artifact import (
     ITEMS_FILE,
     MANIFEST_FILE,
+    MODEL_CARD_FILE,
     MODEL_FILE,
     POPULARITY_FILE,
     ArtifactError,
+    ModelCard,
+    data_versions,
     load_model_artifact,
+    load_model_card,
     save_model_artifact,
+    save_model_card,
 )
 from shopml.models.sasrec import SASRec, SASRecConfig, left_pad
 
@@ -132,3 +137,29 @@ def test_items_that_do_not_match_the_model_are_refused(
     with pytest.raises(ValueError, match=f"must be exactly 1..{N_ITEMS}"):
         save_model_artifact(tmp_path, model, short, np.zeros(N_ITEMS + 1))
     assert not (tmp_path / MANIFEST_FILE).exists()
+
+
+def test_the_model_card_round_trips_and_is_optional(tmp_path: Path) -> None:
+    assert load_model_card(tmp_path) is None
+    card = ModelCard("sasrec", {"events": "events@abc"}, {"epochs": 3}, {"best": 2})
+
+    save_model_card(tmp_path, card)
+
+    loaded = load_model_card(tmp_path)
+    assert loaded == card
+    assert "recommendation" in loaded.intended_use
+
+
+def test_data_versions_prefer_the_store_stage_refs(tmp_path: Path) -> None:
+    (tmp_path / "events.parquet").write_bytes(b"x")
+    assert set(data_versions(tmp_path)) == {"events"}
+    (tmp_path / "versions.json").write_text('{"events": "events@0123"}')
+
+    assert data_versions(tmp_path) == {"events": "events@0123"}
+
+
+def test_a_garbled_model_card_raises(tmp_path: Path) -> None:
+    (tmp_path / MODEL_CARD_FILE).write_text("{not json")
+
+    with pytest.raises(ArtifactError, match="not a valid model card"):
+        load_model_card(tmp_path)

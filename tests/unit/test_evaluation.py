@@ -20,12 +20,24 @@ from components.evaluate import (
     decide_gate,
     evaluate,
     evaluate_models,
+    find_live_model,
+    model_card_with,
     render_report,
 )
 from components.train import TrainParams, train_model
-from shopml.evaluation import evaluate_scorer, metrics_from_ranks, target_ranks
+from shopml.artifact import ModelCard, save_model_card
+from shopml.assets import AssetStore
+from shopml.evaluation import (
+    SegmentRules,
+    evaluate_ranking,
+    evaluate_scorer,
+    metrics_from_ranks,
+    popularity_percentiles,
+    target_ranks,
+)
 from shopml.models.baselines import PopularityRecommender
-from shopml.sequences import build_item_vocab, split_events
+from shopml.sequences import build_item_vocab, cold_start_split, split_events
+from shopml.storage import LocalStore
 
 
 @contextmanager
@@ -240,12 +252,66 @@ def test_evaluate_models_scores_both_models_on_every_test_user(
 ) -> None:
     result = evaluate_models(*trained)
 
-    assert set(result.models) == {"sasrec", "popularity"}
+    assert set(result.models) == {"sasrec", "popularity", "itemknn", "als"}
     assert result.n_users == 20
     assert result.models["sasrec"]["hr_10"] > 0.9
     assert result.models["sasrec"]["ndcg_10"] > result.models["popularity"]["ndcg_10"]
     assert result.metrics()["sasrec_ndcg_10"] == result.models["sasrec"]["ndcg_10"]
     assert set(result.table()["models"]["popularity"]) >= {"hr@10", "ndcg@10", "mrr@20"}
+    assert 0 < result.models["itemknn"]["coverage_10"] <= 1
+    segments = result.segments["sasrec"]
+    assert segments["short_history"]["n_users"] + segments["long_history"][
+        "n_users"
+    ] == pytest.approx(20)
+    assert result.metrics()["als_cold_item_n_users"] == segments["cold_item"]["n_users"]
+
+
+def test_a_champion_as_good_as_the_model_fails_the_gate(
+    trained: tuple[Path, Path],
+) -> None:
+    result = evaluate_models(*trained, champion_dir=trained[1])
+
+    assert result.models["champion"]["ndcg_10"] == result.models["sasrec"]["ndcg_10"]
+    decision = decide_gate(result)
+    assert not decision.passed  # a tie with the live model is no improvement
+    assert decision.references["champion"] == result.models["sasrec"]["ndcg_10"]
+
+
+def test_the_model_card_records_figures_and_decision(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    curated, model_dir = trained
+    result = result_with(0.08, 0.03)
+    save_model_card(model_dir, ModelCard("sasrec", {"events": "x"}, {"epochs": 40}, {}))
+
+    card = model_card_with(model_dir, curated, result, decide_gate(result))
+
+    assert card.gate["passed"] is True
+    assert card.gate["references"] == {"popularity": 0.03}
+    assert card.evaluation["models"]["sasrec"]["ndcg_10"] == 0.08
+    assert set(card.evaluation["data"]) == {"events", "catalog"}
+    assert card.parameters == {"epochs": 40}
+    assert ModelCard.from_json(card.to_json()) == card
+
+
+def test_the_newest_live_model_version_is_the_champion(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    assets = AssetStore(LocalStore(tmp_path / "store"))
+    assert find_live_model(assets, "recommender", tmp_path / "none") is None
+    assets.put_dir(
+        "recommender",
+        "models",
+        trained[1],
+        owner="ml",
+        producer="test",
+        inputs=[],
+        quality={"live": True},
+    )
+
+    found = find_live_model(assets, "recommender", tmp_path / "champion")
+
+    assert found is not None and (found / "model.pt").is_file()
 
 
 def test_evaluate_models_refuses_data_the_model_was_not_trained_on(
@@ -270,6 +336,18 @@ def result_with(sasrec_ndcg: float, popularity_ndcg: float) -> EvaluationResult:
         n_items=50,
         seconds=0.1,
     )
+
+
+def test_gate_compares_with_the_best_reference() -> None:
+    result = result_with(0.08, 0.03)
+    result.models["itemknn"] = {"ndcg_10": 0.07}
+
+    decision = decide_gate(result, min_lift=0.2)
+
+    assert not decision.passed
+    assert decision.reference == "itemknn"
+    assert decision.threshold == pytest.approx(0.084)
+    assert "itemknn ndcg@10 0.0700" in decision.message
 
 
 def test_gate_passes_a_model_that_clears_the_lift() -> None:
@@ -309,5 +387,61 @@ def test_report_is_html_with_the_table_and_an_embedded_chart() -> None:
 def test_evaluate_component_declares_its_interface() -> None:
     spec = evaluate.component_spec
 
-    assert set(spec.inputs) == {"curated", "model", "min_lift"}
-    assert set(spec.outputs) == {"metrics", "report", "Output"}
+    assert set(spec.inputs) == {"curated", "model", "min_lift", "champion_model"}
+    assert set(spec.outputs) == {"metrics", "report", "card", "Output"}
+
+
+def test_coverage_and_popularity_bias_of_a_popularity_ranking() -> None:
+    split = split_events(EVENTS, CATALOG)
+    scorer = fixed_scorer([0, 9.0, 8.0, 7.0, 6.0, 5.0, 1.0])
+
+    result = evaluate_ranking(scorer.full_sort_scores, split, "test", ks=(1,))
+
+    # one test user (u1, history a c d b): top-1 is e -> 1 of 6 items covered
+    assert result.metrics["coverage_1"] == pytest.approx(1 / 6)
+    # e is never in any history: least popular, tied with f at percentile 0.1
+    assert result.metrics["popularity_bias_1"] == pytest.approx(0.1)
+    assert result.n_users == 1
+
+
+def test_popularity_percentiles_average_ties() -> None:
+    percentiles = popularity_percentiles(np.array([0, 5, 1, 1, 9]))
+
+    assert percentiles.tolist() == pytest.approx([0.0, 2 / 3, 1 / 6, 1 / 6, 1.0])
+
+
+def test_segments_split_users_by_history_length_and_target_coldness() -> None:
+    split = split_events(EVENTS, CATALOG)
+    scorer = fixed_scorer([0, 9.0, 8.0, 7.0, 6.0, 5.0, 1.0])
+
+    result = evaluate_ranking(
+        scorer.full_sort_scores,
+        split,
+        "test",
+        ks=(1,),
+        rules=SegmentRules(short_history_max=3, cold_item_max_count=0),
+    )
+
+    # u1's history has 4 items (long); target e never occurs in any history (cold)
+    assert result.segments["long_history"]["n_users"] == 1
+    assert result.segments["short_history"]["n_users"] == 0
+    assert result.segments["cold_item"]["hr_1"] == 1.0
+    assert result.segments["warm_item"]["n_users"] == 0
+
+
+def test_cold_start_split_hides_cold_items_until_the_test() -> None:
+    rows = [
+        (f"u{user}", f"i{(user + step) % 6}", 10 * step)
+        for user in range(6)
+        for step in range(5)
+    ]
+    split = split_events(make_events(rows))
+
+    cold_split, cold = cold_start_split(split, fraction=0.5, seed=1)
+
+    assert len(cold) == 3
+    for seq in cold_split.train_seqs:
+        assert not np.isin(seq, cold).any()
+    assert not np.isin(cold_split.valid_items, cold).any()
+    assert np.array_equal(cold_split.test_items, split.test_items)
+    assert np.isin(cold_split.test_items, cold).sum() == 3

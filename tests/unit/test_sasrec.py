@@ -196,3 +196,90 @@ def test_padding_targets_are_ignored_by_the_loss() -> None:
 
     torch.testing.assert_close(model.calculate_loss(item_seq, pos_items), expected)
     torch.testing.assert_close(model.calculate_loss(item_seq, garbage), expected)
+
+
+def tiny_text_model(id_dropout: float = 0.0) -> SASRec:
+    """A seeded tiny model with an 8-wide text tower over random item texts."""
+    torch.manual_seed(0)
+    config = SASRecConfig(
+        n_items=N_ITEMS,
+        max_seq_len=MAX_SEQ_LEN,
+        hidden_size=32,
+        dropout=0.0,
+        text_dim=8,
+        id_dropout=id_dropout,
+    )
+    item_text = torch.randn(N_ITEMS + 1, 8, generator=torch.Generator().manual_seed(5))
+    return SASRec(config, item_text=item_text)
+
+
+def test_the_text_tower_gives_items_their_text_representation() -> None:
+    model = tiny_text_model().eval()
+    assert model.text_proj is not None
+
+    table = model.item_table()
+
+    expected = model.item_embedding.weight[1:] + model.text_proj(model.item_text[1:])
+    assert torch.allclose(table[1:], expected)
+    assert torch.equal(table[0], torch.zeros(32))  # padding stays zero
+
+
+def test_two_untrained_items_with_the_same_text_score_the_same() -> None:
+    model = tiny_text_model().eval()
+    with torch.no_grad():
+        model.item_text[7] = model.item_text[3]
+        model.item_embedding.weight[[3, 7]] = 0.0  # neither item was ever trained
+
+    scores = model.full_sort_scores(random_seqs(2))
+
+    assert torch.allclose(scores[:, 3], scores[:, 7])
+
+
+def test_id_dropout_hides_ids_only_in_training() -> None:
+    model = tiny_text_model(id_dropout=0.5)
+    assert model.text_proj is not None
+    text_only = model.text_proj(model.item_text)
+
+    train_table = model.train().item_table()
+    eval_table = model.eval().item_table()
+
+    hidden_ids = torch.isclose(train_table[1:], text_only[1:]).all(dim=1)
+    assert 0 < hidden_ids.sum() < N_ITEMS
+    assert not torch.isclose(eval_table[1:], text_only[1:]).all(dim=1).any()
+
+
+def test_item_text_of_the_wrong_shape_is_rejected() -> None:
+    config = SASRecConfig(n_items=N_ITEMS, text_dim=8)
+
+    with pytest.raises(ValueError, match=r"expected \(31, 8\)"):
+        SASRec(config, item_text=torch.zeros(N_ITEMS, 8))
+
+
+def test_a_text_model_round_trips_through_its_state_dict() -> None:
+    model = tiny_text_model().eval()
+    restored = SASRec(model.config)  # text buffer zeros until loaded
+
+    restored.load_state_dict(model.state_dict())
+
+    item_seq = random_seqs(3)
+    assert torch.equal(
+        restored.eval().full_sort_scores(item_seq), model.full_sort_scores(item_seq)
+    )
+
+
+def test_unseen_items_score_by_text_alone_and_are_no_negatives() -> None:
+    model = tiny_text_model().eval()
+    assert model.text_proj is not None
+    model.set_seen_items([torch.arange(1, 11).numpy()])  # items 11.. never seen
+
+    table = model.item_table()
+    item_seq = left_pad([[1, 2, 3]], MAX_SEQ_LEN)
+    pos_items = left_pad([[2, 3, 4]], MAX_SEQ_LEN)
+    loss = model.calculate_loss(item_seq, pos_items)
+    loss.backward()
+
+    text_only = model.text_proj(model.item_text)
+    assert torch.allclose(table[11:], text_only[11:])
+    assert not torch.allclose(table[1:11], text_only[1:11])
+    grad = model.item_embedding.weight.grad
+    assert grad is not None and grad[11:].abs().sum() == 0.0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +19,14 @@ from shopml.evaluation import evaluate_scorer
 from shopml.models.baselines import PopularityRecommender
 from shopml.models.sasrec import SASRecConfig
 from shopml.sequences import LeaveOneOutSplit, split_events
-from shopml.training import TrainConfig, _lr_lambda, train_sasrec, training_windows
+from shopml.storage import LocalStore
+from shopml.training import (
+    Checkpointer,
+    TrainConfig,
+    _lr_lambda,
+    train_sasrec,
+    training_windows,
+)
 
 N_USERS = 30
 
@@ -211,3 +221,80 @@ def test_train_component_declares_its_interface() -> None:
         "seed",
     }
     assert set(spec.outputs) == {"model", "metrics"}
+
+
+KILLED_RUN = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+from shopml.storage import LocalStore
+from shopml.training import Checkpointer, train_sasrec
+from tests.unit.test_training import cyclic_events, catalog, tiny_configs
+from shopml.sequences import split_events
+
+split = split_events(cyclic_events(), catalog())
+checkpointer = Checkpointer(LocalStore(sys.argv[1]), "checkpoints/run/last.pt")
+
+def kill_after_two(record):
+    if record.epoch == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # a real kill, no cleanup runs
+
+train_sasrec(split, *tiny_configs(split, epochs=5), checkpointer=checkpointer,
+             on_epoch_end=kill_after_two)
+"""
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_weights(
+    split: LeaveOneOutSplit, tmp_path: Path
+) -> None:
+    store_root = tmp_path / "store"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(store_root)],
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    checkpointer = Checkpointer(LocalStore(store_root), "checkpoints/run/last.pt")
+    state = checkpointer.load()
+    assert state is not None and state["epoch"] == 2
+
+    resumed = train_sasrec(
+        split, *tiny_configs(split, epochs=5), checkpointer=checkpointer
+    )
+    uninterrupted = train_sasrec(split, *tiny_configs(split, epochs=5))
+
+    assert [r.epoch for r in resumed.history] == [1, 2, 3, 4, 5]
+    assert [r.loss for r in resumed.history] == [r.loss for r in uninterrupted.history]
+    assert resumed.best_epoch == uninterrupted.best_epoch
+    for name, value in uninterrupted.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+
+
+def test_a_checkpoint_of_another_configuration_is_not_resumed(
+    split: LeaveOneOutSplit, tmp_path: Path
+) -> None:
+    checkpointer = Checkpointer(LocalStore(tmp_path), "ckpt/last.pt")
+    train_sasrec(split, *tiny_configs(split, epochs=2), checkpointer=checkpointer)
+    model_config, train_config = tiny_configs(split, epochs=2)
+    train_config.lr = 1e-2
+
+    result = train_sasrec(split, model_config, train_config, checkpointer=checkpointer)
+
+    assert checkpointer.load() is not None
+    assert result.epochs_run == 2
+    assert result.history[0].loss != pytest.approx(0.0)
+
+
+def test_training_with_a_text_tower_uses_the_item_text(split: LeaveOneOutSplit) -> None:
+    model_config, train_config = tiny_configs(split, epochs=2)
+    model_config.text_dim = 8
+    item_text = torch.randn(
+        split.n_items + 1, 8, generator=torch.Generator().manual_seed(0)
+    )
+
+    result = train_sasrec(split, model_config, train_config, item_text=item_text)
+
+    assert torch.equal(result.model.get_buffer("item_text"), item_text)
+    assert result.model.text_proj is not None
