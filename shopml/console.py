@@ -24,10 +24,14 @@ def print_evaluation(evaluation: dict[str, Any]) -> None:
     typer.echo(
         f"Evaluation ({evaluation.get('protocol', 'leave-one-out, full ranking')})"
     )
-    header = f"  {'model':<12}" + "".join(f"{m:>10}" for m in metrics)
+    widths = [max(10, len(m) + 2) for m in metrics]
+    header = f"  {'model':<12}" + "".join(
+        f"{m:>{w}}" for m, w in zip(metrics, widths, strict=True)
+    )
     typer.echo(header)
     for name, row in models.items():
-        typer.echo(f"  {name:<12}" + "".join(f"{row[m]:>10.4f}" for m in metrics))
+        cells = (f"{row[m]:>{w}.4f}" for m, w in zip(metrics, widths, strict=True))
+        typer.echo(f"  {name:<12}" + "".join(cells))
     if "gate" in evaluation:
         typer.echo(f"  gate: {evaluation['gate']}")
 
