@@ -165,7 +165,9 @@ def ensure_recbole_venv(venv: Path) -> Path:
     return python
 
 
-def run_recbole(split, venv: Path, work: Path, threads: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def run_recbole(  # type: ignore[no-untyped-def]
+    split, venv: Path, work: Path, threads: int
+) -> dict[str, float]:
     """Train RecBole's SASRec in its own environment on the same split."""
     python = ensure_recbole_venv(venv)
     write_atomic_files(split, work / "bench")

@@ -902,7 +902,7 @@ class RecommenderModel(Model):
         user_rows = [
             row for row, query in enumerate(queries) if query.user_id is not None
         ]
-        from_store, is_degraded = self._user_sequences(
+        from_store, is_degraded = self.lookup_users(
             [queries[row].user_id or "" for row in user_rows]
         )
         by_row = dict(zip(user_rows, from_store, strict=True))
@@ -917,9 +917,7 @@ class RecommenderModel(Model):
         degraded = [is_degraded and row in by_row for row in range(len(queries))]
         return sequences, seen, degraded
 
-    def _user_sequences(
-        self, raw_user_ids: list[str]
-    ) -> tuple[list[UserFeatures], bool]:
+    def lookup_users(self, raw_user_ids: list[str]) -> tuple[list[UserFeatures], bool]:
         """Pseudonymize raw ids and read their serving features in one online request.
 
         Returns:

@@ -63,7 +63,7 @@ from kserve.protocol.infer_type import (
 )
 
 from serving.recommender import RecommenderModel, parse_k
-from shopml.features import FeatureStoreUnavailable, OnlineFeatureClient
+from shopml.features import OnlineFeatureClient
 from shopml.search.encoder import TextEncoder
 from shopml.search.engine import (
     MODES,
@@ -442,17 +442,10 @@ class SearchModel(Model):
                 f"model {self.name} runs without a feature store, so user_id cannot be "
                 "looked up; send item_ids instead"
             )
-        pseudonyms = [pseudonymizer.pseudonymize(user_id) for user_id in raw_user_ids]
-        try:
-            return client.user_sequences(pseudonyms)
-        except FeatureStoreUnavailable as err:
-            logger.warning(
-                "model=%s online store down, %d user(s) searched unpersonalized: %s",
-                self.name,
-                len(pseudonyms),
-                err,
-            )
-            return [[] for _ in pseudonyms]
+        # The recommender's lookup: pseudonymized, under its deadline, and degraded to
+        # no history (unpersonalized search) when the store fails, counted as a fallback.
+        features, _ = self.recommender.lookup_users(raw_user_ids)
+        return [user.item_seq for user in features]
 
     def postprocess(
         self,

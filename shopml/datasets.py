@@ -443,9 +443,12 @@ def iter_table_file(
             ".parquet or .pq"
         )
     for raw, rows in raw_chunks:
-        if UNPARSED_ROW not in raw.column_names:
-            raw = raw.append_column(UNPARSED_ROW, pa.nulls(raw.num_rows, pa.string()))  # noqa: PLW2901
-        table = coerce_table(_fill_required_for_bad_rows(raw, kind), kind)
+        chunk = raw
+        if UNPARSED_ROW not in chunk.column_names:
+            chunk = chunk.append_column(
+                UNPARSED_ROW, pa.nulls(chunk.num_rows, pa.string())
+            )
+        table = coerce_table(_fill_required_for_bad_rows(chunk, kind), kind)
         origin = pa.array([source_name or path.name] * table.num_rows, pa.string())
         table = table.append_column(SOURCE_FILE, origin)
         yield table.append_column(SOURCE_ROW, pa.array(rows, pa.int64()))
