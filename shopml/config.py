@@ -55,6 +55,10 @@ class Settings:
             unset, local runs create one in ``home/secrets`` (never in the repo).
         image: container image that runs the pipeline components on Kubeflow.
         progress: show progress bars (pipeline runs switch them off).
+        dask_address: scheduler of a Dask cluster (``tcp://host:8786``) that runs the
+            data stages; ``None`` runs the same Dask graph in-process.
+        feast_batch_engine: Feast compute engine that materializes features:
+            ``local`` (in-process) or ``k8s`` (Kubernetes Jobs, cluster runs).
     """
 
     home: Path
@@ -63,6 +67,8 @@ class Settings:
     pseudonymization_key: str | None = field(default=None, repr=False)
     image: str = DEFAULT_IMAGE
     progress: bool = True
+    dask_address: str | None = None
+    feast_batch_engine: str = "local"
 
     @property
     def store_root(self) -> Path:
@@ -135,7 +141,22 @@ def load_settings() -> Settings:
         pseudonymization_key=os.environ.get("SHOPML_PSEUDONYMIZATION_KEY") or None,
         image=os.environ.get("SHOPML_IMAGE", DEFAULT_IMAGE),
         progress=_flag("SHOPML_PROGRESS", True),
+        dask_address=os.environ.get("SHOPML_DASK_ADDRESS") or None,
+        feast_batch_engine=_batch_engine(),
     )
+
+
+FEAST_BATCH_ENGINES: tuple[str, ...] = ("local", "k8s")
+
+
+def _batch_engine() -> str:
+    value = os.environ.get("SHOPML_FEAST_BATCH_ENGINE") or "local"
+    if value not in FEAST_BATCH_ENGINES:
+        raise ValueError(
+            f"SHOPML_FEAST_BATCH_ENGINE={value!r} is not one of "
+            f"{', '.join(FEAST_BATCH_ENGINES)}"
+        )
+    return value
 
 
 def component_image() -> str:
