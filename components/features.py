@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
@@ -58,7 +58,13 @@ from feature_repo import (
 )
 from shopml.config import Settings
 
+if TYPE_CHECKING:
+    from shopml.assets import AssetStore, AssetVersion
+
 logger = logging.getLogger(__name__)
+
+# Owner recorded with every feature table asset.
+FEATURES_OWNER = "shopml-features"
 
 # Start of every user's sequence history: an empty sequence holds from here on.
 EPOCH = pd.Timestamp(0, unit="s", tz="UTC")
@@ -81,6 +87,7 @@ class FeatureResult:
         as_of: reference time of the snapshots (the newest event), ISO-8601 UTC.
         materialization: ``full`` on the first run, ``incremental`` afterwards.
         duration_s: wall-clock seconds of the whole stage.
+        assets: feature view -> ``name@version`` of its table in the ``features`` zone.
     """
 
     offline_root: str
@@ -92,6 +99,7 @@ class FeatureResult:
     as_of: str
     materialization: str
     duration_s: float = field(default=0.0)
+    assets: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """The result as indented JSON (the stage's ``features.json``)."""
@@ -359,6 +367,48 @@ def materialize(store: Any, start: datetime, end: datetime) -> str:
     return "full" if is_first_run else "incremental"
 
 
+def register_feature_assets(
+    tables: dict[str, pd.DataFrame], curated_dir: Path, assets: "AssetStore"
+) -> dict[str, "AssetVersion"]:
+    """Store each offline feature table as a version in the ``features`` zone.
+
+    Lineage points at the curated versions the store stage listed in
+    ``curated_dir/versions.json`` (quarantine left out), so ``shopml assets lineage``
+    runs from a feature table back to the raw files. Every column is ``internal``:
+    user keys are pseudonyms and no free text reaches a feature table.
+
+    Args:
+        tables: feature view name -> its offline table.
+        curated_dir: the store stage's folder; without ``versions.json`` (a folder
+            of curated files made by hand) the versions have no inputs.
+        assets: the asset store.
+
+    Returns:
+        Feature view name -> its version, new or unchanged.
+    """
+    refs_path = curated_dir / "versions.json"
+    refs = json.loads(refs_path.read_text()) if refs_path.is_file() else {}
+    inputs = sorted(
+        ref
+        for name, ref in refs.items()
+        if name in ("events", "catalog") and isinstance(ref, str)
+    )
+    versions = {}
+    for view, frame in tables.items():
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        versions[view] = assets.put_table(
+            view,
+            "features",
+            table,
+            owner=FEATURES_OWNER,
+            classification=dict.fromkeys(table.column_names, "internal"),
+            producer="kfp:features",
+            inputs=inputs,
+            quality={"rows": table.num_rows},
+        )
+    return versions
+
+
 def build_features(
     curated_dir: Path, settings: Settings, *, max_seq_len: int = 50
 ) -> FeatureResult:
@@ -377,6 +427,7 @@ def build_features(
         ValueError: a curated table is malformed or ``max_seq_len`` is below 1.
     """
     from feature_repo.definitions import build_definitions, offline_table_path
+    from shopml.assets import asset_store_from_settings
     from shopml.features import feature_store_from_settings, offline_root
 
     started = time.monotonic()
@@ -396,6 +447,9 @@ def build_features(
         write_offline_table(frame, offline_table_path(root, view), settings)
         logger.info("wrote feature_view=%s rows=%d to %s", view, len(frame), root)
 
+    versions = register_feature_assets(
+        tables, curated_dir, asset_store_from_settings(settings)
+    )
     store = feature_store_from_settings(settings)
     endpoint = settings.s3.endpoint_url if settings.s3 else None
     definitions: list[Any] = build_definitions(root, endpoint)
@@ -412,6 +466,7 @@ def build_features(
         as_of=as_of.isoformat(),
         materialization=mode,
         duration_s=round(time.monotonic() - started, 3),
+        assets={view: version.ref for view, version in versions.items()},
     )
     logger.info(
         "features done materialization=%s duration_s=%.1f", mode, result.duration_s

@@ -105,23 +105,28 @@ def lineage_lines(assets: AssetStore, asset: AssetVersion) -> list[str]:
     """The upstream chain of ``asset`` as an indented tree, one line per node.
 
     Inputs that are asset versions are followed; other inputs (source files with
-    their sha256, public datasets) end a branch as ``source``.
+    their sha256, public datasets) end a branch as ``source``. A version reached a
+    second time (curated tables sharing their raw inputs) is listed once more with
+    ``(see above)`` instead of repeating its whole subtree.
     """
     known = {v.ref: v for v in assets.list()}
     lines: list[str] = []
+    expanded: set[str] = set()
 
-    def visit(node: AssetVersion, depth: int, seen: frozenset[str]) -> None:
-        lines.append(
-            f"{'  ' * depth}{'<- ' if depth else ''}{node.ref} "
-            f"[{node.zone}] by {node.producer}"
-        )
+    def visit(node: AssetVersion, depth: int) -> None:
+        head = f"{'  ' * depth}{'<- ' if depth else ''}{node.ref} [{node.zone}]"
+        if node.ref in expanded:
+            lines.append(f"{head} (see above)")
+            return
+        expanded.add(node.ref)
+        lines.append(f"{head} by {node.producer}")
         for ref in node.inputs:
-            if ref in known and ref not in seen:
-                visit(known[ref], depth + 1, seen | {ref})
+            if ref in known:
+                visit(known[ref], depth + 1)
             else:
                 lines.append(f"{'  ' * (depth + 1)}<- {ref} [source]")
 
-    visit(asset, 0, frozenset({asset.ref}))
+    visit(asset, 0)
     return lines
 
 

@@ -121,6 +121,35 @@ def test_build_reports_rows_and_first_run_is_full(built: tuple[Settings, Any]) -
     assert Path(result.offline_root, "user_recent_items.parquet").is_file()
 
 
+def test_feature_tables_are_versioned_assets_with_curated_lineage(
+    tmp_path: Path,
+) -> None:
+    from shopml.assets import asset_store_from_settings
+
+    curated = write_tiny_curated(tmp_path / "curated")
+    refs = {
+        "events": "events@aaaa",
+        "catalog": "catalog@bbbb",
+        "quarantine_events": "q@c",
+    }
+    (curated / "versions.json").write_text(json.dumps(refs))
+    settings = Settings(home=tmp_path / "home", progress=False)
+
+    first = build_features(curated, settings, max_seq_len=50)
+    again = build_features(curated, settings, max_seq_len=50)
+
+    assets = asset_store_from_settings(settings)
+    stored = assets.get("user_recent_items")
+    assert first.assets["user_recent_items"] == stored.ref
+    assert stored.zone == "features"
+    assert stored.rows == first.row_counts["user_recent_items"] == 8
+    assert stored.inputs == ["catalog@bbbb", "events@aaaa"]
+    assert {c["class"] for c in stored.schema} == {"internal"}
+    # Same curated data, same feature versions: nothing new is written.
+    assert again.assets == first.assets
+    assert [v.name for v in assets.list()].count("user_activity") == 1
+
+
 def test_user_sequence_is_oldest_first_with_ties_broken_by_item_id(
     client: OnlineFeatureClient,
 ) -> None:
