@@ -5,7 +5,8 @@ as the clean stage does) and:
 
 1. writes a new version of every table asset holding the user (curated tables by
    pseudonym; raw-zone quarantine tables by raw id) without the user's rows, then
-   purges every version that still holds them: their files and manifests are deleted,
+   purges every version that still holds them (feature-table assets too, by pseudonym):
+   their files and manifests are deleted,
    on a versioned bucket with every stored object version;
 2. removes the user's rows from the offline feature tables (``user_recent_items`` and
    ``user_activity`` Parquet files) and the user's entity from the online store (Redis
@@ -104,7 +105,7 @@ def forget_user(
 
     by_name: dict[str, list[AssetVersion]] = {}
     for version in assets.list():
-        if version.rows is not None and version.zone in ("raw", "curated"):
+        if version.rows is not None and version.zone in ("raw", "curated", "features"):
             by_name.setdefault(version.name, []).append(version)
     for versions in by_name.values():
         _erase_from_asset(assets, versions, matcher, result)
@@ -127,7 +128,7 @@ def forget_user(
 
 @dataclass(frozen=True)
 class _Matcher:
-    """Finds a person's rows: pseudonyms in curated data, raw ids in the raw zone."""
+    """Finds a person's rows: pseudonyms in curated and feature tables, raw ids in raw."""
 
     raw_id: str
     pseudonym: str
@@ -137,14 +138,10 @@ class _Matcher:
         mask = pa.array([False] * table.num_rows)
         if "user_id" in table.column_names:
             ids = table.column("user_id").to_pylist()
-            wanted = (
-                self.pseudonym
-                if zone == "curated"
-                else normalize_identifier(self.raw_id)
-            )
+            is_raw = zone == "raw"
+            wanted = normalize_identifier(self.raw_id) if is_raw else self.pseudonym
             hits = [
-                v is not None
-                and (v if zone == "curated" else normalize_identifier(v)) == wanted
+                v is not None and (normalize_identifier(v) if is_raw else v) == wanted
                 for v in ids
             ]
             mask = pc.or_(mask, pa.array(hits))

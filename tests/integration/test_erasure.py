@@ -70,6 +70,10 @@ def _assert_forgotten(settings: Settings, assets: AssetStore, old_ref: str) -> N
     assert JANE_PSEUDONYM not in latest.column("user_id").to_pylist()
     assert OTHER in latest.column("user_id").to_pylist()
     assert old_ref not in [v.ref for v in assets.versions("events")]
+    for view in ("user_recent_items", "user_activity"):
+        table = assets.read_table(view)
+        assert JANE_PSEUDONYM not in table.column("user_id").to_pylist()
+        assert OTHER in table.column("user_id").to_pylist()
 
     for view in ("user_recent_items", "user_activity"):
         offline = pq.read_table(f"{offline_root(settings)}/{view}.parquet")
@@ -94,8 +98,19 @@ def test_forget_on_local_store_and_sqlite(tmp_path: Path) -> None:
         audit=audit,
     )
 
-    assert result.rows_removed == {"events": 5}
-    assert result.purged_versions == [old_ref]
+    # Jane's 5 events, and her rows in the feature-table assets (epoch row + 4 times
+    # in user_recent_items, one user_activity row); item_stats has no user column.
+    assert result.rows_removed == {
+        "events": 5,
+        "user_recent_items": 5,
+        "user_activity": 1,
+    }
+    assert old_ref in result.purged_versions
+    assert {ref.split("@")[0] for ref in result.purged_versions} == {
+        "events",
+        "user_recent_items",
+        "user_activity",
+    }
     assert result.offline_rows_removed["user_activity"] == 1
     assert result.online_entities_removed > 0
     assert [m["model"].split("@")[0] for m in models_to_retrain(assets.store)] == [
