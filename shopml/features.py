@@ -167,6 +167,62 @@ def _online_store_config(settings: Settings) -> dict[str, Any]:
     return {"type": "sqlite", "path": str(settings.feast_dir / "online.db")}
 
 
+def _batch_engine_config(settings: Settings) -> str | dict[str, Any]:
+    """Feast's compute engine for ``materialize``: in-process, or Kubernetes Jobs.
+
+    With ``feast_batch_engine == "k8s"`` Feast (``KubernetesComputeEngine``) runs one
+    indexed Job per feature view in this pod's namespace, with the components image,
+    the ``feast-materializer`` ServiceAccount and the S3 credentials of the
+    ``shopml-credentials`` Secret (manifests/components/feast-k8s-materialization).
+
+    Raises:
+        ValueError: ``k8s`` without S3 or Redis: Job pods cannot read the registry or
+            write the online store from this pod's local files.
+    """
+    if settings.feast_batch_engine != "k8s":
+        return "local"
+    if settings.s3 is None or not settings.redis_url:
+        raise ValueError(
+            "feast_batch_engine='k8s' needs the registry on S3 and the online store "
+            f"on Redis; SHOPML_S3_ENDPOINT={settings.s3 and settings.s3.endpoint!r} "
+            f"SHOPML_REDIS_URL={settings.redis_url!r}"
+        )
+    try:  # where the kubelet mounts the pod's namespace; "shopml" off-cluster
+        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as file:
+            namespace = file.read().strip()
+    except OSError:
+        namespace = "shopml"
+    secret = "shopml-credentials"
+    return {
+        "type": "k8s",
+        "namespace": namespace,
+        "image": settings.image,
+        "service_account_name": "feast-materializer",
+        "labels": {
+            "app.kubernetes.io/part-of": "shopml",
+            "app.kubernetes.io/component": "feast-materializer",
+        },
+        "resources": {
+            "requests": {"cpu": "500m", "memory": "1Gi"},
+            "limits": {"cpu": "1", "memory": "2Gi"},
+        },
+        "env": [
+            {"name": "FEAST_S3_ENDPOINT_URL", "value": settings.s3.endpoint_url},
+            {"name": "AWS_ENDPOINT_URL", "value": settings.s3.endpoint_url},
+            {"name": "AWS_DEFAULT_REGION", "value": settings.s3.region},
+            *(
+                {
+                    "name": key,
+                    "valueFrom": {"secretKeyRef": {"name": secret, "key": key}},
+                }
+                for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+            ),
+        ],
+        "max_parallelism": 8,
+        "synchronous": True,  # the features stage ends once the online store is written
+    }
+
+
 def feature_store_from_settings(settings: Settings) -> feast.FeatureStore:
     """Build the shopml feature store (project ``shopml``) from settings.
 
@@ -190,6 +246,7 @@ def feature_store_from_settings(settings: Settings) -> feast.FeatureStore:
         registry=_registry_config(settings),
         online_store=_online_store_config(settings),
         offline_store={"type": "file"},
+        batch_engine=_batch_engine_config(settings),
         entity_key_serialization_version=3,
         repo_path=settings.feast_dir,
     )

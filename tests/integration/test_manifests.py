@@ -111,6 +111,19 @@ def pod_specs(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     elif kind == "PyTorchJob":
         for role, replica in doc["spec"]["pytorchReplicaSpecs"].items():
             yield f"{ident(doc)}/{role}", replica["template"]["spec"]
+    elif kind == "DaskCluster":
+        for role in ("scheduler", "worker"):
+            yield f"{ident(doc)}/{role}", doc["spec"][role]["spec"]
+
+
+def dask_pod_labels(doc: dict[str, Any], role: str) -> dict[str, str]:
+    """Labels of a DaskCluster's pods: its own plus those the Dask operator adds."""
+    own = doc["spec"][role].get("metadata", {}).get("labels", {})
+    operator = {
+        "dask.org/cluster-name": doc["metadata"]["name"],
+        "dask.org/component": role,
+    }
+    return {**own, **operator}
 
 
 def effective_predictor(overlay: str, isvc: dict[str, Any]) -> dict[str, Any]:
@@ -177,8 +190,9 @@ def test_every_overlay_builds_the_platform() -> None:
         assert expected <= kinds, f"{overlay} lacks {sorted(expected - kinds)}"
 
 
-# CRDs have no schema in kubernetes-validate; KServe and PyTorchJob tests cover them.
-CRD_KINDS = frozenset({*KSERVE_KINDS, "PyTorchJob"})
+# CRDs have no schema in kubernetes-validate; KServe and PyTorchJob tests cover them,
+# tests/integration/test_scale_out.py the Dask operator's kinds.
+CRD_KINDS = frozenset({*KSERVE_KINDS, "PyTorchJob", "DaskCluster", "DaskAutoscaler"})
 
 
 @pytest.mark.parametrize(("overlay", "doc"), objects(exclude=CRD_KINDS))
@@ -454,12 +468,17 @@ def test_network_policy_selects_our_pods(overlay: str, doc: dict[str, Any]) -> N
         d["spec"]["template"]["metadata"].get("labels", {})
         for d in BUILT[overlay]
         if d["kind"] in WORKLOAD_KINDS
+    ] + [
+        dask_pod_labels(d, role)
+        for d in BUILT[overlay]
+        if d["kind"] == "DaskCluster"
+        for role in ("scheduler", "worker")
     ]
     for selector in selectors:
         ours = {
             k: v
             for k, v in selector.get("matchLabels", {}).items()
-            if k.startswith("app.kubernetes.io/")
+            if k.startswith(("app.kubernetes.io/", "dask.org/"))
         }
         if ours:
             assert any(ours.items() <= labels.items() for labels in templates), ours
