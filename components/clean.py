@@ -15,76 +15,73 @@ User ids are normalized before anything else (emails case-folded, phones in E.16
 and extra event text columns are masked (emails, phones, cards, addresses) in curated
 output; :data:`COLUMN_TRANSFORMS` lists these for lineage.
 
+Catalog and users are small and cleaned here in memory. Events are streamed and
+cleaned in buckets of users as a Dask graph (:mod:`shopml.clean_events`: in-process
+by default, on the cluster at ``SHOPML_DASK_ADDRESS`` when set). Curated events are
+sorted by ``user_id``, ``timestamp``, ``item_id``, ``event_type``, then the other
+columns; quarantined events follow the user buckets, raw order within each. Catalog
+and users are sorted by their id; their quarantine is in raw order.
+
 ``rows_in == rows_kept + rows_quarantined`` is checked per table before returning.
 The KFP component :func:`clean` wraps the core and adds metrics and an HTML report.
 """
 
 import html
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from kfp import dsl
 
 from components.common import stage_component
+from shopml.clean_events import PARQUET_OPTIONS, clean_events
+from shopml.clean_rules import (
+    REASONS,
+    CleanConfig,
+    ReconciliationError,
+    RowReasons,
+    TableReport,
+    quarantine_rows,
+    strip_blank,
+    unparsed_mask,
+)
 from shopml.lineage import parquet_dataset, start_run
-from shopml.pii import mask_values, normalize_identifier
+from shopml.pii import normalize_identifier
 from shopml.quality import (
     CheckResult,
     QualityConfig,
     count_padded,
     evaluate_checks,
-    flag_bot_users,
-    flag_near_duplicates,
     quality_summary,
     render_quality_section,
     repair_text,
 )
-from shopml.schemas import (
-    EVENT_TYPES,
-    SOURCE_FILE,
-    SOURCE_ROW,
-    UNPARSED_PREFIX,
-    UNPARSED_ROW,
-    classify_columns,
-    schema_for,
-    to_id_strings,
-)
+from shopml.schemas import classify_columns, schema_for
 from shopml.security import Pseudonymizer
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "COLUMN_TRANSFORMS",
+    "REASONS",
+    "TABLES",
+    "CleanConfig",
+    "CleanResult",
+    "ReconciliationError",
+    "TableReport",
+    "clean",
+    "clean_tables",
+    "quarantine_rows",
+    "render_report",
+]
+
 TABLES: tuple[str, ...] = ("catalog", "events", "users")
-
-#: Quarantine reasons: a stable code and what it means.
-REASONS: dict[str, str] = {
-    "unreadable_row": "the record could not be parsed at all (see raw_record)",
-    "null_user_id": "user_id is missing or blank",
-    "null_item_id": "item_id is missing or blank",
-    "null_event_type": "event_type is missing or blank",
-    "null_timestamp": "timestamp is missing",
-    "null_title": "title is missing or blank",
-    "bad_timestamp": "timestamp is neither epoch seconds/milliseconds nor ISO-8601",
-    "bad_value": "value is not a number",
-    "bad_price": "price is not a number",
-    "negative_price": "price is below zero",
-    "bad_event_type": f"event_type is not one of {', '.join(EVENT_TYPES)}",
-    "future_timestamp": "timestamp lies beyond now plus the tolerance",
-    "early_timestamp": "timestamp lies before the configured floor",
-    "unknown_item": "item_id is not in the curated catalog",
-    "duplicate": "an identical row came earlier (the first one is kept)",
-    "duplicate_id": "an earlier row has the same id with other values (it is kept)",
-    "near_duplicate": "same user, item and event type again within the near-duplicate "
-    "window (the first is kept)",
-    "bot_user": "the user's busiest minute has more events than a person makes",
-}
-
 
 #: How curated columns derive from raw ones, recorded as lineage in the curated metadata.
 COLUMN_TRANSFORMS: dict[str, str] = {
@@ -94,54 +91,6 @@ COLUMN_TRANSFORMS: dict[str, str] = {
     "users.user_id": "pseudonymized",
     "users.<pii and sensitive columns>": "dropped",
 }
-
-
-class ReconciliationError(RuntimeError):
-    """Rows were lost or invented: rows_in != rows_kept + rows_quarantined."""
-
-
-@dataclass(frozen=True)
-class CleanConfig:
-    """Thresholds of the clean stage.
-
-    Attributes:
-        timestamp_floor: events before this instant are impossible
-            (``early_timestamp``).
-        future_tolerance: events later than ``now`` plus this are impossible
-            (``future_timestamp``); allows for clock skew between producers.
-        now: the reference time; None takes the wall clock when the stage runs.
-        near_duplicate_window_s: an event repeating the same user, item and type
-            within this many seconds is a ``near_duplicate``; 0 turns it off.
-        bot_events_per_minute: a user with more events than this in one minute is a
-            ``bot_user`` (all their events); 0 turns it off.
-    """
-
-    timestamp_floor: datetime = datetime(1990, 1, 1, tzinfo=UTC)
-    future_tolerance: timedelta = timedelta(days=1)
-    now: datetime | None = None
-    near_duplicate_window_s: float = 2.0
-    bot_events_per_minute: int = 60
-
-
-@dataclass(frozen=True)
-class TableReport:
-    """What the clean stage did to one table.
-
-    Attributes:
-        table: ``events``, ``catalog`` or ``users``.
-        rows_in: rows read from the raw folder.
-        rows_kept: rows written to the curated table.
-        rows_quarantined: rows written to the quarantine table.
-        reasons: quarantine reason -> row count.
-        repairs: repair -> row count (values fixed in place, rows kept).
-    """
-
-    table: str
-    rows_in: int
-    rows_kept: int
-    rows_quarantined: int
-    reasons: dict[str, int] = field(default_factory=dict)
-    repairs: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -181,6 +130,9 @@ def clean_tables(
     pseudonymizer: Pseudonymizer,
     config: CleanConfig | None = None,
     quality: QualityConfig | None = None,
+    *,
+    dask_address: str | None = None,
+    work_dir: Path | None = None,
 ) -> CleanResult:
     """Validate the raw tables and split them into curated and quarantined rows.
 
@@ -194,6 +146,10 @@ def clean_tables(
         config: thresholds; defaults to :class:`CleanConfig`.
         quality: thresholds of the quality gates, evaluated into ``checks`` (not
             enforced here: see :func:`shopml.quality.enforce_gates`).
+        dask_address: a Dask scheduler that cleans the event buckets; None cleans
+            them in-process (the same graph).
+        work_dir: folder for the event buckets (removed afterwards); None uses a
+            temporary folder. A Dask cluster's workers must see it at the same path.
 
     Returns:
         Counts per table, reasons, repairs and the quality checks.
@@ -203,31 +159,36 @@ def clean_tables(
         ReconciliationError: a table's counts do not add up.
     """
     config = config or CleanConfig()
-    now = config.now or datetime.now(UTC)
     started = time.monotonic()
-    run = start_run(
-        "clean", [parquet_dataset(p) for p in sorted(raw_dir.glob("*.parquet"))]
-    )
-    raw = _read_raw(raw_dir)
+    paths = _raw_paths(raw_dir)
+    run = start_run("clean", [parquet_dataset(p) for p in sorted(paths.values())])
     curated_dir.mkdir(parents=True, exist_ok=True)
     quarantine_dir.mkdir(parents=True, exist_ok=True)
     splitter = _Splitter(curated_dir, quarantine_dir, pseudonymizer)
 
     reports = {}
-    frame, reasons, repairs = _check_catalog(raw["catalog"])
-    reports["catalog"] = splitter.split(
-        "catalog", raw["catalog"], frame, reasons, repairs
-    )
-    item_ids = set(frame.loc[reasons.isna(), "item_id"])
+    catalog = pq.read_table(paths["catalog"])
+    frame, reasons, repairs = _check_catalog(catalog)
+    reports["catalog"] = splitter.split("catalog", catalog, frame, reasons, repairs)
+    item_ids = pa.array(frame.loc[reasons.is_ok, "item_id"], pa.string())
 
-    frame, reasons, repairs = _check_events(raw["events"], item_ids, config, now)
-    reports["events"] = splitter.split("events", raw["events"], frame, reasons, repairs)
-
-    if "users" in raw:
-        frame, reasons, repairs = _check_users(raw["users"])
-        reports["users"] = splitter.split(
-            "users", raw["users"], frame, reasons, repairs
+    with tempfile.TemporaryDirectory(prefix="shopml-clean-") as tmp:
+        reports["events"] = clean_events(
+            paths["events"],
+            item_ids,
+            curated_dir / "events.parquet",
+            quarantine_dir / "events.parquet",
+            pseudonymizer,
+            config=config,
+            now=config.now or datetime.now(UTC),
+            work_dir=(work_dir or Path(tmp)) / "events",
+            dask_address=dask_address,
         )
+
+    if "users" in paths:
+        users = pq.read_table(paths["users"])
+        frame, reasons, repairs = _check_users(users)
+        reports["users"] = splitter.split("users", users, frame, reasons, repairs)
 
     checks = evaluate_checks(reports, quality)
     result = CleanResult(
@@ -249,17 +210,17 @@ def clean_tables(
     return result
 
 
-def _read_raw(raw_dir: Path) -> dict[str, pa.Table]:
-    raw = {}
+def _raw_paths(raw_dir: Path) -> dict[str, Path]:
+    paths = {}
     for kind in TABLES:
         path = raw_dir / f"{kind}.parquet"
         if path.is_file():
-            raw[kind] = pq.read_table(path)
+            paths[kind] = path
         elif kind != "users":
             raise FileNotFoundError(
                 f"raw table {kind} is missing: {path} does not exist"
             )
-    return raw
+    return paths
 
 
 def _frame(raw: pa.Table) -> pd.DataFrame:
@@ -270,7 +231,7 @@ def _frame(raw: pa.Table) -> pd.DataFrame:
             continue
         column = raw.column(name)
         if pa.types.is_string(column.type):
-            column = _strip_blank(column)
+            column = strip_blank(column)
         columns[name] = column
     frame = pa.table(columns).to_pandas()
     if "user_id" in frame.columns:
@@ -282,136 +243,53 @@ def _frame(raw: pa.Table) -> pd.DataFrame:
     return frame
 
 
-def _mask_free_text(frame: pd.DataFrame) -> dict[str, int]:
-    """Mask personal data in ``query`` and extra event columns in place.
-
-    Returns:
-        ``masked_<column>`` -> number of values changed.
-    """
-    structured = set(schema_for("events").names) - {"query"}
-    repairs = {}
-    for name in [n for n in frame.columns if n not in structured]:
-        before = [v if isinstance(v, str) else None for v in frame[name]]
-        after = mask_values(before)
-        repairs[f"masked_{name}"] = sum(
-            a != b for a, b in zip(after, before, strict=True)
-        )
-        frame[name] = pd.Series(after, index=frame.index, dtype=object)
-    return repairs
-
-
-def _strip_blank(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    trimmed = pc.utf8_trim_whitespace(column)
-    return pc.if_else(pc.equal(trimmed, ""), pa.scalar(None, pa.string()), trimmed)
-
-
-class _Reasons:
-    """The first failing check of every row."""
-
-    def __init__(self, n_rows: int) -> None:
-        self.codes = pd.Series([None] * n_rows, dtype=object)
-
-    def flag(self, mask: pd.Series, code: str) -> None:
-        """Give ``code`` to rows in ``mask`` that have no reason yet."""
-        assert code in REASONS, code
-        self.codes[mask.to_numpy() & self.codes.isna().to_numpy()] = code
-
-    @property
-    def is_ok(self) -> pd.Series:
-        return self.codes.isna()
-
-
-def _unparsed(raw: pa.Table, name: str) -> pd.Series:
-    column = UNPARSED_ROW if name == "row" else UNPARSED_PREFIX + name
-    if column not in raw.column_names:
-        return pd.Series([False] * raw.num_rows)
-    return pd.Series(raw.column(column).is_valid().to_numpy(zero_copy_only=False))
-
-
-def _check_required(reasons: _Reasons, frame: pd.DataFrame, names: list[str]) -> None:
+def _check_required(reasons: RowReasons, frame: pd.DataFrame, names: list[str]) -> None:
     for name in names:
         reasons.flag(frame[name].isna(), f"null_{name}")
 
 
-def _check_duplicates(reasons: _Reasons, frame: pd.DataFrame, key: str | None) -> None:
+def _check_duplicates(
+    reasons: RowReasons, frame: pd.DataFrame, key: str | None
+) -> None:
     """Exact duplicates, then (for tables keyed by an id) other rows with a taken id.
 
     Only rows that passed every earlier check take part, so the row kept is the first
     valid one.
     """
-    ok = reasons.is_ok.to_numpy()
+    ok = reasons.is_ok
     repeated = frame[ok].duplicated(keep="first")
     reasons.flag(repeated.reindex(frame.index, fill_value=False), "duplicate")
     if key is not None:
-        ok = reasons.is_ok.to_numpy()
+        ok = reasons.is_ok
         taken = frame[ok].duplicated(subset=[key], keep="first")
         reasons.flag(taken.reindex(frame.index, fill_value=False), "duplicate_id")
 
 
-def _check_catalog(raw: pa.Table) -> tuple[pd.DataFrame, pd.Series, dict[str, int]]:
+def _check_catalog(raw: pa.Table) -> tuple[pd.DataFrame, RowReasons, dict[str, int]]:
     frame = _frame(raw)
-    reasons = _Reasons(len(frame))
-    reasons.flag(_unparsed(raw, "row"), "unreadable_row")
+    reasons = RowReasons(len(frame))
+    reasons.flag(unparsed_mask(raw, "row"), "unreadable_row")
     # Entity-encoded titles and control characters are repaired, not rejected.
     frame["title"], text_repairs = repair_text(frame["title"])
     _check_required(reasons, frame, ["item_id", "title"])
-    reasons.flag(_unparsed(raw, "price"), "bad_price")
+    reasons.flag(unparsed_mask(raw, "price"), "bad_price")
     reasons.flag(frame["price"].fillna(0) < 0, "negative_price")
     _check_duplicates(reasons, frame, key="item_id")
     repairs = {f"title_{k}": v for k, v in text_repairs.items()}
-    return frame, reasons.codes, repairs | {"whitespace": count_padded(raw)}
+    return frame, reasons, repairs | {"whitespace": count_padded(raw)}
 
 
-def _check_users(raw: pa.Table) -> tuple[pd.DataFrame, pd.Series, dict[str, int]]:
+def _check_users(raw: pa.Table) -> tuple[pd.DataFrame, RowReasons, dict[str, int]]:
     frame = _frame(raw)
-    reasons = _Reasons(len(frame))
-    reasons.flag(_unparsed(raw, "row"), "unreadable_row")
+    reasons = RowReasons(len(frame))
+    reasons.flag(unparsed_mask(raw, "row"), "unreadable_row")
     _check_required(reasons, frame, ["user_id"])
     _check_duplicates(reasons, frame, key="user_id")
-    return frame, reasons.codes, {"whitespace": count_padded(raw)}
-
-
-def _check_events(
-    raw: pa.Table, item_ids: set[str], config: CleanConfig, now: datetime
-) -> tuple[pd.DataFrame, pd.Series, dict[str, int]]:
-    frame = _frame(raw)
-    reasons = _Reasons(len(frame))
-    reasons.flag(_unparsed(raw, "row"), "unreadable_row")
-    _check_required(reasons, frame, ["user_id", "item_id", "event_type"])
-    reasons.flag(_unparsed(raw, "timestamp"), "bad_timestamp")
-    reasons.flag(frame["timestamp"].isna(), "null_timestamp")
-    reasons.flag(_unparsed(raw, "value"), "bad_value")
-
-    # Repair case and whitespace of event types before checking the vocabulary.
-    original = raw.column("event_type")
-    lowered = pc.utf8_lower(_strip_blank(original))
-    is_changed = pc.fill_null(pc.not_equal(lowered, original), False).to_numpy()
-    frame["event_type"] = lowered.to_pandas()
-    is_known = frame["event_type"].isin(EVENT_TYPES)
-    reasons.flag(~is_known, "bad_event_type")
-    repairs = {"event_type": int((is_changed & is_known.to_numpy()).sum())}
-
-    latest = pd.Timestamp(now + config.future_tolerance)
-    reasons.flag(frame["timestamp"] > latest, "future_timestamp")
-    reasons.flag(
-        frame["timestamp"] < pd.Timestamp(config.timestamp_floor), "early_timestamp"
-    )
-    reasons.flag(~frame["item_id"].isin(item_ids), "unknown_item")
-    _check_duplicates(reasons, frame, key=None)
-    window = config.near_duplicate_window_s
-    is_near = flag_near_duplicates(frame, reasons.is_ok.to_numpy(), window)
-    reasons.flag(pd.Series(is_near), "near_duplicate")
-    is_bot = flag_bot_users(
-        frame, reasons.is_ok.to_numpy(), config.bot_events_per_minute
-    )
-    reasons.flag(pd.Series(is_bot), "bot_user")
-    repairs["whitespace"] = count_padded(raw)
-    repairs |= _mask_free_text(frame)
-    return frame, reasons.codes, repairs
+    return frame, reasons, {"whitespace": count_padded(raw)}
 
 
 class _Splitter:
-    """Writes the kept rows to the curated folder and the rest to quarantine."""
+    """Writes the kept rows of a small table to curated, the rest to quarantine."""
 
     def __init__(
         self, curated_dir: Path, quarantine_dir: Path, pseudo: Pseudonymizer
@@ -425,31 +303,27 @@ class _Splitter:
         kind: str,
         raw: pa.Table,
         frame: pd.DataFrame,
-        reasons: pd.Series,
+        reasons: RowReasons,
         repairs: dict[str, int],
     ) -> TableReport:
-        is_bad = reasons.notna().to_numpy()
-        quarantine = quarantine_rows(raw, is_bad, reasons[is_bad].tolist())
-        pq.write_table(quarantine, self.quarantine_dir / f"{kind}.parquet")
+        is_bad = ~reasons.is_ok
+        labels = reasons.labels(is_bad.nonzero()[0])
+        quarantine = quarantine_rows(raw, is_bad, labels)
+        target = self.quarantine_dir / f"{kind}.parquet"
+        pq.write_table(quarantine, target, **PARQUET_OPTIONS)
 
         curated = self.curate(kind, frame[~is_bad])
-        pq.write_table(curated, self.curated_dir / f"{kind}.parquet")
+        pq.write_table(curated, self.curated_dir / f"{kind}.parquet", **PARQUET_OPTIONS)
 
         report = TableReport(
             table=kind,
             rows_in=raw.num_rows,
             rows_kept=curated.num_rows,
             rows_quarantined=quarantine.num_rows,
-            reasons={
-                str(k): int(v) for k, v in reasons.value_counts().sort_index().items()
-            },
+            reasons=reasons.counts(),
             repairs={k: v for k, v in repairs.items() if v},
         )
-        if report.rows_in != report.rows_kept + report.rows_quarantined:
-            raise ReconciliationError(
-                f"table {kind}: rows_in={report.rows_in} but kept={report.rows_kept} + "
-                f"quarantined={report.rows_quarantined}; refusing to publish"
-            )
+        report.check_reconciled()
         return report
 
     def curate(self, kind: str, kept: pd.DataFrame) -> pa.Table:
@@ -471,7 +345,7 @@ class _Splitter:
             allowed = [n for n in table.column_names if classes[n] in _CURATED_CLASSES]
             table = table.select(allowed)
 
-        # Sort on the table's keys, then on every other column: one order per content.
+        # Sort on the table's id, then on every other column: one order per content.
         keys = [n for n in _SORT_KEYS[kind] if n in table.column_names]
         keys += [n for n in table.column_names if n not in keys]
         return table.sort_by([(n, "ascending") for n in keys]).replace_schema_metadata(
@@ -480,46 +354,7 @@ class _Splitter:
 
 
 _CURATED_CLASSES = frozenset({"public", "internal"})
-_SORT_KEYS = {
-    "events": ["user_id", "timestamp", "item_id", "event_type"],
-    "catalog": ["item_id"],
-    "users": ["user_id"],
-}
-
-
-def quarantine_rows(raw: pa.Table, is_bad: object, reasons: list[str]) -> pa.Table:
-    """Rejected rows with every original field as text, their reason and origin.
-
-    Args:
-        raw: the raw table.
-        is_bad: boolean mask of rejected rows.
-        reasons: reason code of each rejected row, in order.
-
-    Returns:
-        Data columns as strings (the unparsed original text where a value could not be
-        read), then ``raw_record``, ``reason``, ``source_file``, ``source_row``.
-    """
-    rejected = raw.filter(pa.array(is_bad, pa.bool_()))
-    columns: dict[str, pa.Array] = {}
-    for name in rejected.column_names:
-        if name.startswith("_"):
-            continue
-        text = to_id_strings(rejected.column(name).combine_chunks())
-        unparsed = UNPARSED_PREFIX + name
-        if unparsed in rejected.column_names:
-            text = pc.coalesce(rejected.column(unparsed).combine_chunks(), text)
-        columns[name] = text
-    for target, source, kind in (
-        ("raw_record", UNPARSED_ROW, pa.string()),
-        ("source_file", SOURCE_FILE, pa.string()),
-        ("source_row", SOURCE_ROW, pa.int64()),
-    ):
-        if source in rejected.column_names:
-            columns[target] = rejected.column(source).combine_chunks().cast(kind)
-        else:
-            columns[target] = pa.nulls(rejected.num_rows, kind)
-    columns["reason"] = pa.array(reasons, pa.string())
-    return pa.table(columns)
+_SORT_KEYS = {"catalog": ["item_id"], "users": ["user_id"]}
 
 
 _STYLE = (
@@ -601,6 +436,7 @@ def clean(
     Quality thresholds come from ``SHOPML_QUALITY_THRESHOLDS`` (JSON, e.g.
     ``{"max_nulls": 0.1}``; see :class:`shopml.quality.QualityConfig`); a breached one
     fails the stage after the report, the metrics and ``quality.json`` are written.
+    Event buckets are cleaned on the Dask cluster at ``SHOPML_DASK_ADDRESS`` when set.
     """
     from pathlib import Path
 
@@ -615,13 +451,15 @@ def clean(
     from shopml.security import load_pseudonymizer
 
     configure_logging()
+    settings = load_settings()
     quality = quality_config_from_env()
     result = clean_tables(
         Path(raw.path),
         Path(curated.path),
         Path(quarantine.path),
-        load_pseudonymizer(load_settings()),
+        load_pseudonymizer(settings),
         quality=quality,
+        dask_address=settings.dask_address,
     )
     checks = result.checks
     for name, value in result.metrics().items():

@@ -25,7 +25,9 @@ import pyarrow.parquet as pq
 from kfp import dsl
 
 from components.common import stage_component
+from components.store import put_table_file
 from shopml.assets import AssetStore
+from shopml.clean_events import PARQUET_OPTIONS
 from shopml.datasets import fetch_movielens_100k, iter_table_file
 from shopml.lineage import LineageDataset, parquet_dataset, start_run
 from shopml.schemas import SOURCE_FILE, SOURCE_ROW, classify_columns, coerce_table
@@ -104,7 +106,7 @@ def ingest_sources(
     files = {kind: out_dir / f"{kind}.parquet" for kind in rows}
     for kind, table in tables.items():
         files[kind] = out_dir / f"{kind}.parquet"
-        pq.write_table(table, files[kind])
+        pq.write_table(table, files[kind], **PARQUET_OPTIONS)
         rows[kind] = table.num_rows
     run = start_run("ingest", [LineageDataset(name=i) for i in inputs])
     run.complete([parquet_dataset(path) for path in files.values()])
@@ -163,13 +165,16 @@ def _stream_files(
 
 
 def _write_chunks(chunks: Iterator[pa.Table], target: Path) -> int:
-    """Write chunks of one schema to a Parquet file; returns the row count."""
+    """Write chunks of one schema to a Parquet file; returns the row count.
+
+    One chunk is held at a time, so memory does not grow with the file.
+    """
     total = 0
     writer: pq.ParquetWriter | None = None
     try:
         for chunk in chunks:
             if writer is None:
-                writer = pq.ParquetWriter(target, chunk.schema)
+                writer = pq.ParquetWriter(target, chunk.schema, **PARQUET_OPTIONS)
             writer.write_table(chunk.cast(writer.schema))
             total += chunk.num_rows
     finally:
@@ -212,16 +217,16 @@ def register_raw_tables(
         path = raw_dir / f"{kind}.parquet"
         if not path.is_file():
             continue
-        table = pq.read_table(path)
-        asset = assets.put_table(
+        asset = put_table_file(
+            assets,
             RAW_PREFIX + kind,
             "raw",
-            table,
+            path,
             owner="shopml-data",
-            classification=classify_columns(kind, table.column_names),
+            classification=classify_columns(kind, pq.read_schema(path).names),
             producer=producer,
             inputs=list(inputs),
-            quality={"rows": table.num_rows},
+            quality={"rows": pq.read_metadata(path).num_rows},
         )
         refs.append(asset.ref)
     return refs

@@ -449,7 +449,7 @@ def iter_table_file(
                 UNPARSED_ROW, pa.nulls(chunk.num_rows, pa.string())
             )
         table = coerce_table(_fill_required_for_bad_rows(chunk, kind), kind)
-        origin = pa.array([source_name or path.name] * table.num_rows, pa.string())
+        origin = pa.repeat(pa.scalar(source_name or path.name), table.num_rows)
         table = table.append_column(SOURCE_FILE, origin)
         yield table.append_column(SOURCE_ROW, pa.array(rows, pa.int64()))
 

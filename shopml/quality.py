@@ -6,10 +6,15 @@ turns the per-table counts into **gates**: each check has a threshold on the sha
 table's rows it may reject (:class:`QualityConfig`), and a breached threshold stops the
 pipeline with :class:`QualityGateError`, naming the check, the figure and the threshold.
 
+* :func:`flag_duplicates`: rows equal to an earlier row in every column, kept once;
 * :func:`flag_near_duplicates`: the same user, item and event type again within a few
   seconds (a double click or a resent event), kept once;
 * :func:`flag_bot_users`: users whose busiest minute has far more events than a person
   makes; every event of such a user is quarantined;
+
+These three work on integer codes of the columns (numpy arrays), so they cost a sort
+whatever the column types, and see only the rows they are given: the clean stage calls
+them per bucket of users, which holds every event of its users.
 * :func:`repair_text`: HTML entities decoded and control characters removed from
   catalog text, counted as repairs (a title left empty is then ``null_title``);
 * :func:`evaluate_checks`, :func:`enforce_gates`, :func:`quality_summary` and
@@ -25,7 +30,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
@@ -180,63 +185,153 @@ class TableCounts(Protocol):
     def repairs(self) -> dict[str, int]: ...
 
 
-def flag_near_duplicates(
-    frame: pd.DataFrame, is_ok: np.ndarray, window_s: float
-) -> Any:
-    """Rows repeating an earlier event of the same user, item and type within a window.
+def pack_keys(keys: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Fold integer sort keys into as few int64 keys as give the same order.
+
+    Consecutive keys are packed into one (``a * span(b) + b``, offsets removed) while
+    the product of their spans stays below 2**62; sorting by the packed keys
+    lexicographically sorts by the original ones.
 
     Args:
-        frame: events with ``user_id``, ``item_id``, ``event_type``, ``timestamp``.
+        keys: integer arrays of one length, most significant first.
+
+    Returns:
+        The packed keys, most significant first.
+    """
+    words: list[np.ndarray] = []
+    packed: np.ndarray | None = None
+    packed_span = 1
+    for key in keys:
+        values = np.asarray(key, dtype=np.int64)
+        low = int(values.min()) if len(values) else 0
+        span = int(values.max()) - low + 1 if len(values) else 1
+        if packed is not None and packed_span * span < 2**62:
+            packed = packed * span + (values - low)
+            packed_span *= span
+            continue
+        if packed is not None:
+            words.append(packed)
+        packed, packed_span = values - low, span
+    if packed is not None:
+        words.append(packed)
+    return words
+
+
+def sort_rows(keys: Sequence[np.ndarray], rows: np.ndarray | None = None) -> np.ndarray:
+    """Row positions sorted by ``keys`` (most significant first), ties in row order.
+
+    Args:
+        keys: integer arrays over all rows.
+        rows: the positions to sort; None sorts every row.
+
+    Returns:
+        ``rows`` in sorted order.
+    """
+    if rows is None:
+        rows = np.arange(len(keys[0]) if keys else 0)
+        words = pack_keys(keys)
+    else:
+        words = pack_keys([key[rows] for key in keys])
+    if not words or len(rows) < 2:
+        return rows
+    if len(words) == 1:
+        return rows[np.argsort(words[0], kind="stable")]
+    # np.lexsort's last key leads; it is stable, so ties keep row order.
+    return rows[np.lexsort(words[::-1])]
+
+
+def _same_as_previous(keys: Sequence[np.ndarray], order: np.ndarray) -> np.ndarray:
+    """For ``order[1:]``: whether each row equals the row before it in every key."""
+    same = np.ones(max(len(order) - 1, 0), dtype=bool)
+    for key in keys:
+        column = key[order]
+        same &= column[1:] == column[:-1]
+    return same
+
+
+def flag_duplicates(
+    keys: Sequence[np.ndarray], is_ok: np.ndarray, order: np.ndarray | None = None
+) -> np.ndarray:
+    """Rows equal in every key to an earlier row still in play (the first is kept).
+
+    Args:
+        keys: one integer code array per column (equal values, equal codes; see
+            :func:`shopml.clean_events.rank_codes`), all of one length.
+        is_ok: rows still in play (earlier checks passed); only they are compared.
+        order: every row sorted by ``keys`` with ties in row order
+            (:func:`sort_rows`), when the caller has it; None sorts here.
+
+    Returns:
+        A boolean array over the rows; of equal rows the one earliest in row order
+        is kept.
+    """
+    flagged = np.zeros(len(is_ok), dtype=bool)
+    order = (
+        sort_rows(keys, np.flatnonzero(is_ok)) if order is None else order[is_ok[order]]
+    )
+    if len(order) < 2:
+        return flagged
+    flagged[order[1:][_same_as_previous(keys, order)]] = True
+    return flagged
+
+
+def flag_near_duplicates(
+    keys: Sequence[np.ndarray],
+    timestamps_us: np.ndarray,
+    is_ok: np.ndarray,
+    window_s: float,
+) -> np.ndarray:
+    """Rows repeating an earlier event of the same key within a window.
+
+    Args:
+        keys: integer codes of user, item and event type (one array each).
+        timestamps_us: microseconds since 1970 (int64).
         is_ok: rows still in play (earlier checks passed); only they are compared.
         window_s: seconds within which a repeat counts as a near duplicate.
 
     Returns:
-        A boolean numpy array over ``frame``; the earliest event of a run is kept.
+        A boolean array over the rows. Each row is compared with the previous event
+        of its key in time (row order breaks ties); the earliest of a run is kept.
     """
-    flagged = np.zeros(len(frame), dtype=bool)
-    if window_s <= 0 or not is_ok.any():
+    flagged = np.zeros(len(is_ok), dtype=bool)
+    rows = np.flatnonzero(is_ok)
+    if window_s <= 0 or len(rows) < 2:
         return flagged
-    keys = ["user_id", "item_id", "event_type"]
-    rows = frame.loc[is_ok, [*keys, "timestamp"]].reset_index()
-    rows = rows.sort_values([*keys, "timestamp", "index"], kind="stable")
+    order = sort_rows([*keys, timestamps_us], rows)
 
-    # A row is a near duplicate when the previous row has its key and is close in time.
-    same_key = np.ones(len(rows), dtype=bool)
-    for key in keys:
-        column = rows[key].to_numpy()
-        same_key[1:] &= column[1:] == column[:-1]
-    same_key[0] = False
-    gaps = rows["timestamp"].diff().dt.total_seconds().to_numpy()
-    is_near = same_key & (np.nan_to_num(gaps, nan=np.inf) <= window_s)
-    flagged[rows["index"].to_numpy()[is_near]] = True
+    # A near duplicate has the previous row's key and lies close to it in time.
+    same = _same_as_previous(keys, order)
+    gaps = np.diff(timestamps_us[order])
+    flagged[order[1:][same & (gaps <= window_s * 1e6)]] = True
     return flagged
 
 
-def flag_bot_users(frame: pd.DataFrame, is_ok: np.ndarray, per_minute: int) -> Any:
+def flag_bot_users(
+    users: np.ndarray, timestamps_us: np.ndarray, is_ok: np.ndarray, per_minute: int
+) -> np.ndarray:
     """Events of users whose busiest minute has more than ``per_minute`` events.
 
     Args:
-        frame: events with ``user_id`` and ``timestamp``.
+        users: integer user codes (non-negative).
+        timestamps_us: microseconds since 1970 (int64).
         is_ok: rows still in play; only they are counted and flagged.
         per_minute: the most events a person makes in one minute; 0 turns it off.
 
     Returns:
-        A boolean numpy array over ``frame``.
+        A boolean array over the rows.
     """
-    flagged = np.zeros(len(frame), dtype=bool)
-    if per_minute <= 0 or not is_ok.any():
+    flagged = np.zeros(len(is_ok), dtype=bool)
+    rows = np.flatnonzero(is_ok)
+    if per_minute <= 0 or not len(rows):
         return flagged
-    rows = frame.loc[is_ok, ["user_id", "timestamp"]]
-    minutes = rows["timestamp"].dt.floor("min")
-    busiest = rows.groupby([rows["user_id"], minutes]).size().groupby(level=0).max()
-    bots = busiest.index[busiest.to_numpy() > per_minute]
-    if len(bots):
-        logger.warning(
-            "%d user(s) exceed %d events per minute; their events are quarantined",
-            len(bots),
-            per_minute,
-        )
-    flagged[is_ok] = rows["user_id"].isin(set(bots)).to_numpy()
+    minutes = np.floor_divide(timestamps_us[rows], 60_000_000)
+    minutes -= minutes.min()
+    user = users[rows].astype(np.int64)
+    # One slot per (user, minute); users x minutes since 1990 stay far below 2**63.
+    span = int(minutes.max()) + 1
+    slots, counts = np.unique(user * span + minutes, return_counts=True)
+    busy_users = np.unique(slots[counts > per_minute] // span)
+    flagged[rows] = np.isin(user, busy_users)
     return flagged
 
 

@@ -1,0 +1,193 @@
+"""Events cleaned in user buckets: the same result as one bucket, counts at scale."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from components.clean import CleanConfig, CleanResult, clean_tables
+from components.ingest import ingest_sources
+from shopml.clean_events import bucket_of, partition_events, rank_codes
+from shopml.quality import flag_duplicates, pack_keys, sort_rows
+from shopml.security import Pseudonymizer
+from shopml.synth import CATALOG_FAULTS, EVENT_FAULTS, SynthConfig, write_synthetic
+
+NOW = datetime(2025, 1, 1, tzinfo=UTC)
+PSEUDO = Pseudonymizer(b"bucket-key")
+
+
+def ingest_synthetic(tmp_path: Path, config: SynthConfig) -> Path:
+    files = write_synthetic(tmp_path / "synth", config)
+    raw = tmp_path / "raw"
+    ingest_sources(
+        "files",
+        raw,
+        events_path=str(files.events),
+        catalog_path=str(files.catalog),
+        users_path=str(files.users),
+    )
+    return raw
+
+
+def clean_into(raw: Path, out: Path, **options: object) -> CleanResult:
+    config = CleanConfig(now=NOW, **options)  # type: ignore[arg-type]
+    return clean_tables(raw, out / "curated", out / "quarantine", PSEUDO, config)
+
+
+def sorted_quarantine(path: Path) -> pa.Table:
+    return pq.read_table(path).sort_by([("source_row", "ascending")])
+
+
+@pytest.fixture(scope="module")
+def faulty_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Events with duplicates, near duplicates and a bot whose rows span batches."""
+    config = SynthConfig(
+        n_events=20_000,
+        n_users=200,
+        chunk_events=7_000,
+        faults={"duplicate": 0.03, "near_duplicate": 0.03, "bot_user": 0.01}
+        | {"whitespace": 0.01, "event_type_case": 0.01, "unknown_item": 0.01},
+    )
+    return ingest_synthetic(tmp_path_factory.mktemp("faulty"), config)
+
+
+def test_bucketed_clean_equals_one_bucket(faulty_raw: Path, tmp_path: Path) -> None:
+    one = clean_into(faulty_raw, tmp_path / "one", scheduler="sync")
+    many = clean_into(faulty_raw, tmp_path / "many", rows_per_bucket=4_000)
+
+    assert one.tables["events"] == many.tables["events"]
+    reasons = one.tables["events"].reasons
+    assert {"duplicate", "near_duplicate", "bot_user"} <= set(reasons)
+    for kind in ("events", "catalog", "users"):
+        first = (tmp_path / "one" / "curated" / f"{kind}.parquet").read_bytes()
+        second = (tmp_path / "many" / "curated" / f"{kind}.parquet").read_bytes()
+        assert first == second, f"curated {kind} differs"
+    assert sorted_quarantine(tmp_path / "one" / "quarantine" / "events.parquet").equals(
+        sorted_quarantine(tmp_path / "many" / "quarantine" / "events.parquet")
+    )
+
+
+def test_partition_keeps_a_user_in_one_bucket_and_buckets_in_order(
+    faulty_raw: Path, tmp_path: Path
+) -> None:
+    paths = partition_events(
+        faulty_raw / "events.parquet", tmp_path, 5, PSEUDO, batch_rows=3_000
+    )
+
+    seen: dict[str, int] = {}
+    rows = 0
+    for bucket, path in enumerate(paths):
+        table = pa.ipc.open_file(str(path)).read_all()
+        rows += table.num_rows
+        positions = table.column("_position").to_numpy()
+        assert np.all(np.diff(positions) > 0)  # raw order within a bucket
+        for pseudonym in set(table.column("_pseudonym").drop_null().to_pylist()):
+            assert seen.setdefault(pseudonym, bucket) == bucket
+            assert bucket_of(pseudonym, 5) == bucket
+    assert rows == pq.read_metadata(faulty_raw / "events.parquet").num_rows
+    # Ranges of the pseudonym: later buckets hold larger pseudonyms.
+    by_bucket = sorted(seen.items(), key=lambda item: (item[1], item[0]))
+    assert [p for p, _ in by_bucket] == sorted(seen)
+
+
+def test_every_fault_kind_at_scale_reconciles(tmp_path: Path) -> None:
+    faults = dict.fromkeys(EVENT_FAULTS, 0.004) | dict.fromkeys(CATALOG_FAULTS, 0.01)
+    config = SynthConfig(
+        n_events=300_000, chunk_events=100_000, faults=faults, file_format="csv"
+    )
+    raw = ingest_synthetic(tmp_path, config)
+    result = clean_into(raw, tmp_path / "out", rows_per_bucket=100_000)
+
+    report = result.tables["events"]
+    curated = pq.read_metadata(tmp_path / "out" / "curated" / "events.parquet")
+    rejected = pq.read_table(tmp_path / "out" / "quarantine" / "events.parquet")
+    assert report.rows_in == pq.read_metadata(raw / "events.parquet").num_rows
+    assert report.rows_in == report.rows_kept + report.rows_quarantined
+    assert (curated.num_rows, rejected.num_rows) == (
+        report.rows_kept,
+        report.rows_quarantined,
+    )
+    assert sum(report.reasons.values()) == report.rows_quarantined
+    counted = rejected.column("reason").value_counts().to_pylist()
+    assert {c["values"]: c["counts"] for c in counted} == report.reasons
+    expected = {
+        "null_user_id", "null_item_id", "null_timestamp", "bad_timestamp", "bad_value",
+        "bad_event_type", "future_timestamp", "early_timestamp", "unknown_item",
+        "duplicate", "near_duplicate", "bot_user",
+    }  # fmt: skip
+    assert expected <= set(report.reasons)
+    assert {"event_type", "whitespace"} <= set(report.repairs)
+    # Every source row is accounted for exactly once.
+    assert len(set(rejected.column("source_row").to_pylist())) == rejected.num_rows
+
+
+def test_curated_events_are_globally_sorted_across_buckets(
+    faulty_raw: Path, tmp_path: Path
+) -> None:
+    clean_into(faulty_raw, tmp_path, rows_per_bucket=3_000)
+    events = pq.read_table(tmp_path / "curated" / "events.parquet")
+    keys = ["user_id", "timestamp", "item_id", "event_type", "value", "session_id"]
+    assert events.equals(events.sort_by([(k, "ascending") for k in keys]))
+
+
+def test_free_text_is_masked_once_per_value(tmp_path: Path) -> None:
+    (tmp_path / "events.csv").write_text(
+        "user_id,item_id,event_type,timestamp,query,note\n"
+        "u1,i1,search,2024-01-01,call 415-555-2671,plain words\n"
+        "u2,i1,search,2024-01-01,call 415-555-2671,mail a@b.com\n"
+        "u3,i1,search,2024-01-01,red shoes,size 42\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "catalog.csv").write_text("item_id,title\ni1,Shoe\n")
+    ingest_sources(
+        "files",
+        tmp_path / "raw",
+        events_path=str(tmp_path / "events.csv"),
+        catalog_path=str(tmp_path / "catalog.csv"),
+    )
+    result = clean_into(tmp_path / "raw", tmp_path)
+
+    events = pq.read_table(tmp_path / "curated" / "events.parquet")
+    assert sorted(events.column("query").to_pylist()) == [
+        "call [PHONE]",
+        "call [PHONE]",
+        "red shoes",
+    ]
+    assert sorted(events.column("note").to_pylist()) == [
+        "mail [EMAIL]",
+        "plain words",
+        "size 42",
+    ]
+    repairs = result.tables["events"].repairs
+    assert (repairs["masked_query"], repairs["masked_note"]) == (2, 1)
+
+
+def test_rank_codes_sort_like_the_values_with_nulls_last() -> None:
+    column = pa.array(["b", None, "a", "b", "é", "B"])
+    codes = rank_codes(column)
+    order = np.argsort(codes, kind="stable")
+    assert [column[i].as_py() for i in order] == ["B", "a", "b", "b", "é", None]
+    assert codes[0] == codes[3]
+
+    numbers = rank_codes(pa.array([2.5, None, -1.0, 2.5]))
+    assert list(numbers) == [1, 2, 0, 1]
+
+
+def test_packed_keys_sort_like_the_keys() -> None:
+    rng = np.random.default_rng(3)
+    keys = [rng.integers(0, 5, 2_000), rng.integers(-(2**40), 2**40, 2_000)]
+    keys.append(rng.integers(0, 2**30, 2_000))
+    assert len(pack_keys(keys)) == 2  # the first two fit one int64, the third not
+    order = sort_rows(keys)
+    assert np.array_equal(order, np.lexsort(keys[::-1]))
+
+
+def test_duplicates_keep_the_first_row_still_in_play() -> None:
+    keys = [np.array([1, 1, 2, 1, 2]), np.array([7, 7, 7, 7, 8])]
+    is_ok = np.array([False, True, True, True, True])
+    assert flag_duplicates(keys, is_ok).tolist() == [False, False, False, True, False]
