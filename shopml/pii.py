@@ -18,7 +18,12 @@ Masking (:func:`mask_text`) replaces, in this order:
   the Luhn check -> ``[CARD]`` (digit runs failing Luhn, such as order numbers, stay);
 * email addresses (plus-addressing and subdomains included) -> ``[EMAIL]``;
 * phone numbers that ``phonenumbers`` finds and validates in international form or in
-  the national form of :data:`DEFAULT_REGION` -> ``[PHONE]``;
+  the national form of :data:`DEFAULT_REGION` -> ``[PHONE]``; besides, any run of 7 or
+  more digits that starts the way a dialled number does (``+``, ``(``, or a
+  trunk/international ``0`` followed by groups split by spaces, dots, dashes or
+  parentheses) -> ``[PHONE]``, which catches national notations of other regions
+  (``030 72946153``) and numbers written next to each other, where ``phonenumbers``
+  reads one invalid number;
 * street addresses in the common English form: a house number, one to four words and a
   street suffix (``221B Baker Street``, ``1600 Pennsylvania Ave NW``), with an optional
   unit (``Apt 4``, ``Suite 200``, ``#12``); German-style ``Hauptstrasse 5`` /
@@ -26,12 +31,14 @@ Masking (:func:`mask_text`) replaces, in this order:
 
 Not detected: names of people, postal codes or cities on their own, addresses without a
 house number or street suffix (``"the blue house by the station"``), national numbers
-of regions other than :data:`DEFAULT_REGION` written without a country code, card
+of regions other than :data:`DEFAULT_REGION` written without a country code as one
+bare run of digits (``03072946153``) or without the trunk ``0`` (``72946153``), card
 numbers split other than by spaces/dashes, IBANs, government ids (SSN and the like) and
 IP addresses. Free-text columns are therefore still treated as ``sensitive`` in the raw
 zone; masking lowers the risk in curated data, it does not prove the text anonymous.
-Titles such as ``"21 Jump Street"`` are masked as addresses: a false positive costs a
-search query some words, a false negative leaks an address.
+A version string such as ``0.1.2.3.4.5.6`` is masked as a phone number and titles such
+as ``"21 Jump Street"`` as addresses: a false positive costs a search query some words,
+a false negative leaks personal data.
 
 Presidio was not used: its recognizers need a spaCy model downloaded from a model hub at
 install time, and its pattern recognizers for these four kinds are what is written here.
@@ -63,6 +70,9 @@ _EMAIL = re.compile(
 )
 _CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
 _PHONE_LIKE = re.compile(r"(?:tel:)?\+?[\d\s().-]{7,}")
+# A maximal run of grouped digits starting like a dialled number: "+", "(" or "0".
+_DIALLED_RUN = re.compile(r"(?<![\w+.-])(?:\+|\(\+?)?\d(?:[ ().-]{0,2}\d)+(?!\w)")
+_MIN_PHONE_DIGITS = 7
 _STREET_SUFFIXES = (
     "street|st|avenue|ave|road|rd|boulevard|blvd|lane|ln|drive|dr|court|ct|place|pl|"
     "way|terrace|ter|parkway|pkwy|highway|hwy|square|sq|close|crescent|cres|circle|cir|"
@@ -196,6 +206,9 @@ def find_pii(text: str, region: str = DEFAULT_REGION) -> list[PiiSpan]:
         if luhn_valid(digits):
             found.append(PiiSpan("card", match.start(), match.end()))
     _add_spans(found, "email", ((m.start(), m.end()) for m in _EMAIL.finditer(text)))
+    # Dialled-looking digit runs first: one span over numbers written side by side, so
+    # a number phonenumbers validates cannot leave its neighbour unmasked.
+    _add_spans(found, "phone", _dialled_runs(text))
     phones = phonenumbers.PhoneNumberMatcher(
         text, region, leniency=phonenumbers.Leniency.VALID
     )
@@ -205,6 +218,17 @@ def find_pii(text: str, region: str = DEFAULT_REGION) -> list[PiiSpan]:
             found, "address", ((m.start(), m.end()) for m in pattern.finditer(text))
         )
     return sorted(found, key=lambda span: span.start)
+
+
+def _dialled_runs(text: str) -> Iterable[tuple[int, int]]:
+    """Spans of digit runs written like a dialled phone number (see the docstring)."""
+    for match in _DIALLED_RUN.finditer(text):
+        run = match.group()
+        # A bare digit run is an id (an ASIN, an order number), not a dialled number.
+        is_grouped = not run.isdigit()
+        is_dialled = run[0] in "+(" or (run.startswith("0") and is_grouped)
+        if is_dialled and sum(c.isdigit() for c in run) >= _MIN_PHONE_DIGITS:
+            yield match.start(), match.end()
 
 
 def _add_spans(

@@ -83,6 +83,9 @@ def test_subject_ref_differs_from_the_pseudonym() -> None:
         ("1600 Pennsylvania Ave NW", "[ADDRESS]"),
         ("Hauptstraße 12 Berlin", "[ADDRESS] Berlin"),
         ("PO Box 4432", "[ADDRESS]"),
+        ("ring 030 72946153 after six", "ring [PHONE] after six"),
+        ("tel +44 20 7946 0321 030 72946153", "tel [PHONE]"),
+        ("call 0049 30 72946153", "call [PHONE]"),
     ],
     ids=[
         "email",
@@ -94,6 +97,9 @@ def test_subject_ref_differs_from_the_pseudonym() -> None:
         "avenue",
         "strasse",
         "po-box",
+        "phone-de-national",
+        "phones-side-by-side",
+        "phone-00-prefix",
     ],
 )
 def test_personal_data_is_masked(text: str, masked: str) -> None:
@@ -107,6 +113,9 @@ def test_personal_data_is_masked(text: str, masked: str) -> None:
         "samsung 55 inch tv 2024",
         "order 4111 1111 1111 1112",  # fails Luhn: an order number, not a card
         "toy story 2 1995",
+        "sizes 10 12 14 16",  # grouped digits not dialled like a phone number
+        "released 2024-05-01",
+        "book 0439064872",  # an ASIN: a bare digit run is an id
         "sha 536436fbfffdc03d4f49d1ae70562bf96ae892f7d0fb04436634584b7f821f60",
     ],
 )
