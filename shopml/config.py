@@ -58,7 +58,12 @@ class Settings:
         dask_address: scheduler of a Dask cluster (``tcp://host:8786``) that runs the
             data stages; ``None`` runs the same Dask graph in-process.
         feast_batch_engine: Feast compute engine that materializes features:
-            ``local`` (in-process) or ``k8s`` (Kubernetes Jobs, cluster runs).
+            ``local`` (in-process), ``k8s`` (Kubernetes Jobs, cluster runs) or
+            ``ray`` (Feast's Ray engine on ``ray_address``).
+        ray_address: Ray cluster of the ``ray`` engine, as a Ray Client address
+            (``ray://host:10001``, a KubeRay head Service); ``None`` starts an
+            in-process Ray (Ray 2.58 listens on every interface whatever it is
+            told; tests run it in a loopback-only network namespace).
     """
 
     home: Path
@@ -69,6 +74,7 @@ class Settings:
     progress: bool = True
     dask_address: str | None = None
     feast_batch_engine: str = "local"
+    ray_address: str | None = None
 
     @property
     def store_root(self) -> Path:
@@ -143,10 +149,11 @@ def load_settings() -> Settings:
         progress=_flag("SHOPML_PROGRESS", True),
         dask_address=os.environ.get("SHOPML_DASK_ADDRESS") or None,
         feast_batch_engine=_batch_engine(),
+        ray_address=_ray_address(),
     )
 
 
-FEAST_BATCH_ENGINES: tuple[str, ...] = ("local", "k8s")
+FEAST_BATCH_ENGINES: tuple[str, ...] = ("local", "k8s", "ray")
 
 
 def _batch_engine() -> str:
@@ -155,6 +162,16 @@ def _batch_engine() -> str:
         raise ValueError(
             f"SHOPML_FEAST_BATCH_ENGINE={value!r} is not one of "
             f"{', '.join(FEAST_BATCH_ENGINES)}"
+        )
+    return value
+
+
+def _ray_address() -> str | None:
+    value = os.environ.get("SHOPML_RAY_ADDRESS") or None
+    if value is not None and not value.startswith("ray://"):
+        raise ValueError(
+            f"SHOPML_RAY_ADDRESS={value!r} is not a Ray Client address; use "
+            "ray://<head-service>:10001, or leave it empty for an in-process Ray"
         )
     return value
 

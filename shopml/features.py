@@ -168,17 +168,21 @@ def _online_store_config(settings: Settings) -> dict[str, Any]:
 
 
 def _batch_engine_config(settings: Settings) -> str | dict[str, Any]:
-    """Feast's compute engine for ``materialize``: in-process, or Kubernetes Jobs.
+    """Feast's compute engine for ``materialize``: in-process, Kubernetes Jobs or Ray.
 
     With ``feast_batch_engine == "k8s"`` Feast (``KubernetesComputeEngine``) runs one
     indexed Job per feature view in this pod's namespace, with the components image,
     the ``feast-materializer`` ServiceAccount and the S3 credentials of the
     ``shopml-credentials`` Secret (manifests/components/feast-k8s-materialization).
+    With ``"ray"`` see ``_ray_engine_config``.
 
     Raises:
         ValueError: ``k8s`` without S3 or Redis: Job pods cannot read the registry or
-            write the online store from this pod's local files.
+            write the online store from this pod's local files; ``ray`` on a
+            cluster without Redis.
     """
+    if settings.feast_batch_engine == "ray":
+        return _ray_engine_config(settings)
     if settings.feast_batch_engine != "k8s":
         return "local"
     if settings.s3 is None or not settings.redis_url:
@@ -220,6 +224,50 @@ def _batch_engine_config(settings: Settings) -> str | dict[str, Any]:
         ],
         "max_parallelism": 8,
         "synchronous": True,  # the features stage ends once the online store is written
+    }
+
+
+# Ray tasks that write the online store at once: Redis takes parallel writers; the
+# SQLite file of local runs takes one.
+RAY_WRITE_CONCURRENCY = 4
+# CPUs and object-store bytes of an in-process Ray (no ray_address): a features pod
+# shares its node, and Ray would otherwise claim every core and 30% of the memory.
+RAY_LOCAL_NUM_CPUS = 2
+RAY_LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
+
+
+def _ray_engine_config(settings: Settings) -> dict[str, Any]:
+    """Feast's Ray engine (``ray.engine``): a KubeRay cluster, or Ray in this process.
+
+    The ``file`` offline store still reads the Parquet tables in this process (the
+    driver); Ray's tasks then filter, deduplicate and write the online store, so with
+    ``ray_address`` the Ray workers need Redis but not MinIO. Worker output reaches
+    this process's log (``log_to_driver``): Feast 0.67 logs a failed online write on
+    the worker and goes on (see docs/platform.md, "Scaling out").
+
+    Raises:
+        ValueError: a Ray cluster (``ray_address``) with the SQLite online store,
+            a file the cluster's workers cannot reach.
+    """
+    ray_conf: dict[str, Any] = {"log_to_driver": True}
+    if settings.ray_address is None:
+        ray_conf |= {
+            "num_cpus": RAY_LOCAL_NUM_CPUS,
+            "object_store_memory": RAY_LOCAL_OBJECT_STORE_BYTES,
+        }
+    elif not settings.redis_url:
+        raise ValueError(
+            f"feast_batch_engine='ray' with ray_address={settings.ray_address!r} "
+            "needs the online store on Redis (SHOPML_REDIS_URL); the cluster's "
+            "workers cannot write this pod's SQLite file"
+        )
+    return {
+        "type": "ray.engine",
+        "ray_address": settings.ray_address,
+        "write_concurrency": RAY_WRITE_CONCURRENCY if settings.redis_url else 1,
+        "max_workers": RAY_LOCAL_NUM_CPUS if settings.ray_address is None else None,
+        "enable_ray_logging": False,
+        "ray_conf": ray_conf,
     }
 
 

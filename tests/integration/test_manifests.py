@@ -4,8 +4,10 @@ Built-in kinds are validated offline against the Kubernetes JSON schemas
 (``kubernetes-validate``, strict: unknown fields fail). KServe objects are read into the
 KServe SDK's typed models with unknown fields rejected, then checked field by field; the
 PyTorchJob (no SDK model here) is checked structurally. The policy tests run over every
-container of every overlay, including the effective predictor container (ServingRuntime
-container merged with the InferenceService's model spec, as KServe merges them).
+container of every overlay, the pod templates of DaskCluster and RayCluster (head and
+each worker group) included, and over the effective predictor container
+(ServingRuntime container merged with the InferenceService's model spec, as KServe
+merges them).
 """
 
 from __future__ import annotations
@@ -114,6 +116,11 @@ def pod_specs(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     elif kind == "DaskCluster":
         for role in ("scheduler", "worker"):
             yield f"{ident(doc)}/{role}", doc["spec"][role]["spec"]
+    elif kind == "RayCluster":
+        yield f"{ident(doc)}/head", doc["spec"]["headGroupSpec"]["template"]["spec"]
+        for group in doc["spec"].get("workerGroupSpecs", []):
+            label = f"{ident(doc)}/{group['groupName']}"
+            yield label, group["template"]["spec"]
 
 
 def dask_pod_labels(doc: dict[str, Any], role: str) -> dict[str, str]:
@@ -124,6 +131,23 @@ def dask_pod_labels(doc: dict[str, Any], role: str) -> dict[str, str]:
         "dask.org/component": role,
     }
     return {**own, **operator}
+
+
+def ray_pod_labels(doc: dict[str, Any]) -> list[dict[str, str]]:
+    """Labels of a RayCluster's head and worker pods: its own plus KubeRay's."""
+    spec = doc["spec"]
+    groups = [("head", "headgroup", spec["headGroupSpec"])] + [
+        ("worker", group["groupName"], group) for group in spec["workerGroupSpecs"]
+    ]
+    return [
+        {
+            **group["template"].get("metadata", {}).get("labels", {}),
+            "ray.io/cluster": doc["metadata"]["name"],
+            "ray.io/node-type": node_type,
+            "ray.io/group": name,
+        }
+        for node_type, name, group in groups
+    ]
 
 
 def effective_predictor(overlay: str, isvc: dict[str, Any]) -> dict[str, Any]:
@@ -191,8 +215,10 @@ def test_every_overlay_builds_the_platform() -> None:
 
 
 # CRDs have no schema in kubernetes-validate; KServe and PyTorchJob tests cover them,
-# tests/integration/test_scale_out.py the Dask operator's kinds.
-CRD_KINDS = frozenset({*KSERVE_KINDS, "PyTorchJob", "DaskCluster", "DaskAutoscaler"})
+# tests/integration/test_scale_out.py the Dask operator's and KubeRay's kinds.
+CRD_KINDS = frozenset(
+    {*KSERVE_KINDS, "PyTorchJob", "DaskCluster", "DaskAutoscaler", "RayCluster"}
+)
 
 
 @pytest.mark.parametrize(("overlay", "doc"), objects(exclude=CRD_KINDS))
@@ -474,11 +500,17 @@ def test_network_policy_selects_our_pods(overlay: str, doc: dict[str, Any]) -> N
         if d["kind"] == "DaskCluster"
         for role in ("scheduler", "worker")
     ]
+    templates += [
+        labels
+        for d in BUILT[overlay]
+        if d["kind"] == "RayCluster"
+        for labels in ray_pod_labels(d)
+    ]
     for selector in selectors:
         ours = {
             k: v
             for k, v in selector.get("matchLabels", {}).items()
-            if k.startswith(("app.kubernetes.io/", "dask.org/"))
+            if k.startswith(("app.kubernetes.io/", "dask.org/", "ray.io/"))
         }
         if ours:
             assert any(ours.items() <= labels.items() for labels in templates), ours

@@ -1,4 +1,4 @@
-"""The scale-out paths: a Dask cluster for the data stages, Feast materialization on Jobs.
+"""The scale-out paths: a Dask cluster for the data stages, Feast materialization on Ray.
 
 ``manifests/components/dask-cluster`` (enabled in prod) is built with ``kubectl
 kustomize``; its ``DaskCluster`` and ``DaskAutoscaler`` are checked against the Dask
@@ -18,6 +18,18 @@ with ``feast_batch_engine="k8s"`` is checked through Feast's own config class, a
 engine is driven against the ``kmock`` Kubernetes API emulator on 127.0.0.1: the test
 reads the Job and ConfigMap it creates and plays the Job controller. Each blocker of the
 engine found in Feast 0.67 is a strict xfail, so a Feast upgrade that fixes it shows up.
+
+``manifests/components/feast-ray-materialization`` (enabled in prod) holds a KubeRay
+``RayCluster``, checked against KubeRay's API types (ray-project/kuberay,
+``ray-operator/apis/ray/v1/raycluster_types.go``): required ``spec.headGroupSpec`` with
+``template`` and ``rayStartParams`` (a map of strings); each worker group needs
+``groupName``, ``rayStartParams`` and ``template``, integer ``replicas``,
+``minReplicas`` and ``maxReplicas``; no other keys (the structural schema would prune
+them silently); pod templates are validated as Pods with ``kubernetes-validate``. Its
+ports, the Service name KubeRay derives (``<cluster>-head-svc``) and the pod labels
+KubeRay sets (``ray.io/cluster``, ``ray.io/node-type``) are checked against the
+settings and the NetworkPolicies. The engine itself runs in
+tests/integration/test_feast_ray.py.
 """
 
 from __future__ import annotations
@@ -137,6 +149,7 @@ def test_prod_runs_the_data_stages_on_the_dask_cluster(
     dev_settings = find(dev, "ConfigMap", "shopml-settings")["data"]
     assert dev_settings["SHOPML_DASK_ADDRESS"] == ""
     assert dev_settings["SHOPML_FEAST_BATCH_ENGINE"] == "local"
+    assert dev_settings["SHOPML_RAY_ADDRESS"] == ""
     # The Feast component is not enabled anywhere (see the xfails below).
     assert "Role/feast-materialization" not in names(prod) | names(dev)
 
@@ -307,7 +320,9 @@ def allows(
             peers = rule.get(key)
             ports = rule.get("ports")
             peer_ok = peers is None or any(peer_matches(p, peer) for p in peers)
-            port_ok = ports is None or any(p.get("port") == port for p in ports)
+            port_ok = ports is None or any(
+                p.get("port") <= port <= p.get("endPort", p.get("port")) for p in ports
+            )
             if peer_ok and port_ok:
                 return True
     return False
@@ -423,6 +438,228 @@ def test_feast_job_pods_reach_minio_and_redis_only(
     assert not reachable(docs, FEAST_POD, SCHEDULER, 8786)
     assert not reachable(docs, FEAST_POD, PREDICTOR, 8080)
     assert not reachable(docs, PIPELINE, FEAST_POD, 8080)
+
+
+# --- the Ray cluster of Feast's Ray engine ----------------------------------------------
+
+RAY_OBJECTS = {
+    "RayCluster/shopml-ray",
+    "ServiceAccount/shopml-ray",
+    "NetworkPolicy/ray-cluster",
+    "NetworkPolicy/ray-head",
+    "NetworkPolicy/ray-worker",
+    "NetworkPolicy/pipeline-to-ray",
+    "NetworkPolicy/redis-from-ray",
+}
+RAY_CLUSTER_SPEC_KEYS = {
+    "suspend",
+    "managedBy",
+    "autoscalerOptions",
+    "headServiceAnnotations",
+    "enableInTreeAutoscaling",
+    "gcsFaultToleranceOptions",
+    "headGroupSpec",
+    "rayVersion",
+    "workerGroupSpecs",
+}
+RAY_HEAD_KEYS = {
+    "template",
+    "headService",
+    "enableIngress",
+    "rayStartParams",
+    "serviceType",
+}
+RAY_WORKER_KEYS = {
+    "suspend",
+    "groupName",
+    "replicas",
+    "minReplicas",
+    "maxReplicas",
+    "idleTimeoutSeconds",
+    "rayStartParams",
+    "template",
+    "scaleStrategy",
+    "numOfHosts",
+}
+RAY_HEAD = {"ray.io/cluster": "shopml-ray", "ray.io/node-type": "head"}
+RAY_WORKER = {"ray.io/cluster": "shopml-ray", "ray.io/node-type": "worker"}
+
+
+def check_ray_cluster(cluster: dict[str, Any]) -> None:
+    """The RayCluster against KubeRay's API types (see the module docstring)."""
+    assert cluster["apiVersion"] == "ray.io/v1"
+    spec = cluster["spec"]
+    assert {"headGroupSpec"} <= set(spec) <= RAY_CLUSTER_SPEC_KEYS, sorted(spec)
+    head = spec["headGroupSpec"]
+    assert {"template", "rayStartParams"} <= set(head) <= RAY_HEAD_KEYS, sorted(head)
+    groups = spec.get("workerGroupSpecs", [])
+    for group in groups:
+        required = {"groupName", "rayStartParams", "template"}
+        assert required <= set(group) <= RAY_WORKER_KEYS, sorted(group)
+        bounds = [group.get(k, 0) for k in ("minReplicas", "replicas", "maxReplicas")]
+        assert all(isinstance(b, int) for b in bounds), bounds
+        assert bounds[0] <= bounds[1] <= bounds[2], bounds
+    for role, group in [("head", head)] + [(g["groupName"], g) for g in groups]:
+        params = group["rayStartParams"]
+        assert all(isinstance(v, str) for v in params.values()), (role, params)
+        template = group["template"]
+        assert set(template) <= {"metadata", "spec"}, (role, sorted(template))
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": role}}
+        kubernetes_validate.validate(
+            {**pod, "spec": template["spec"]}, KUBERNETES_VERSION, strict=True
+        )
+
+
+def test_prod_materializes_features_on_the_ray_cluster(
+    prod: list[dict[str, Any]], dev: list[dict[str, Any]]
+) -> None:
+    assert names(prod) >= RAY_OBJECTS, sorted(RAY_OBJECTS - names(prod))
+    assert not RAY_OBJECTS & names(dev)
+    cluster = find(prod, "RayCluster", "shopml-ray")
+    [head] = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    client_port = {p["name"]: p["containerPort"] for p in head["ports"]}["client"]
+    settings = find(prod, "ConfigMap", "shopml-settings")["data"]
+    assert settings["SHOPML_FEAST_BATCH_ENGINE"] == "ray"
+    # KubeRay names the head Service "<cluster>-head-svc" and exposes named ports.
+    assert settings["SHOPML_RAY_ADDRESS"] == (
+        f"ray://{cluster['metadata']['name']}-head-svc.shopml.svc.cluster.local:"
+        f"{client_port}"
+    )
+
+
+def test_ray_cluster_meets_kuberays_api(prod: list[dict[str, Any]]) -> None:
+    cluster = find(prod, "RayCluster", "shopml-ray")
+    check_ray_cluster(cluster)
+    # Ray Client needs the same Ray on both sides: the image's and the pipeline's.
+    from importlib.metadata import version
+
+    assert cluster["spec"]["rayVersion"] == version("ray")
+
+
+def test_the_ray_crd_check_rejects_what_kuberay_would(
+    prod: list[dict[str, Any]],
+) -> None:
+    cluster = find(prod, "RayCluster", "shopml-ray")
+    spec = cluster["spec"]
+    head = {k: v for k, v in spec["headGroupSpec"].items() if k != "rayStartParams"}
+    with pytest.raises(AssertionError):
+        check_ray_cluster({**cluster, "spec": {**spec, "headGroupSpec": head}})
+    with pytest.raises(AssertionError):  # a typo the schema would prune silently
+        check_ray_cluster({**cluster, "spec": {**spec, "workerGroupSpec": []}})
+    [group] = spec["workerGroupSpecs"]
+    numeric = {**group, "rayStartParams": {"num-cpus": 2}}
+    with pytest.raises(AssertionError):  # rayStartParams is map[string]string
+        check_ray_cluster({**cluster, "spec": {**spec, "workerGroupSpecs": [numeric]}})
+    bad_pod = {**group["template"]["spec"], "containers": [{"name": "w", "imag": "x"}]}
+    broken = {**group, "template": {**group["template"], "spec": bad_pod}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        check_ray_cluster({**cluster, "spec": {**spec, "workerGroupSpecs": [broken]}})
+
+
+RAY_PORT_PARAMS = {
+    "node-manager-port": "raylet",
+    "object-manager-port": "object-manager",
+    "dashboard-agent-grpc-port": "agent-grpc",
+    "dashboard-agent-listen-port": "agent-http",
+}
+
+
+def test_ray_processes_listen_where_the_policies_expect(
+    prod: list[dict[str, Any]],
+) -> None:
+    spec = find(prod, "RayCluster", "shopml-ray")["spec"]
+    head = spec["headGroupSpec"]
+    [worker] = spec["workerGroupSpecs"]
+    for group in (head, worker):
+        params = group["rayStartParams"]
+        [container] = group["template"]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        for param, name in RAY_PORT_PARAMS.items():
+            assert int(params[param]) == ports[name], (param, name)
+        assert (params["min-worker-port"], params["max-worker-port"]) == (
+            "10002",
+            "10031",
+        )
+        probe = container["livenessProbe"]["httpGet"]
+        assert probe == {"path": "/api/local_raylet_healthz", "port": "agent-http"}
+    params = head["rayStartParams"]
+    [container] = head["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert int(params["port"]) == ports["gcs"] == 6379
+    assert int(params["ray-client-server-port"]) == ports["client"] == 10001
+    assert params["dashboard-host"] == "127.0.0.1"  # nothing outside the pod needs it
+    assert params["num-cpus"] == "0"  # tasks run on the workers only
+    assert container["readinessProbe"]["tcpSocket"] == {"port": "client"}
+
+
+def test_ray_flows_are_exactly_the_needed_ones(prod: list[dict[str, Any]]) -> None:
+    minio, redis = template_labels(prod, "minio"), template_labels(prod, "redis")
+    allowed = [
+        (PIPELINE, RAY_HEAD, 10001),
+        (RAY_WORKER, RAY_HEAD, 6379),
+        (RAY_WORKER, RAY_HEAD, 6381),
+        (RAY_HEAD, RAY_WORKER, 6380),
+        (RAY_HEAD, RAY_WORKER, 10002),
+        (RAY_WORKER, RAY_WORKER, 6381),
+        (RAY_WORKER, RAY_WORKER, 10031),
+        (RAY_WORKER, redis, 6379),
+    ]
+    denied = [
+        (PIPELINE, RAY_HEAD, 6379),  # drivers come in through Ray Client only
+        (PIPELINE, RAY_HEAD, 8265),
+        (PIPELINE, RAY_WORKER, 10002),
+        (PREDICTOR, RAY_HEAD, 10001),
+        (RAY_HEAD, redis, 6379),  # the head runs no tasks
+        (RAY_WORKER, minio, 9000),  # Parquet is read in the pipeline pod
+        (RAY_WORKER, RAY_HEAD, 10032),
+        (RAY_WORKER, PIPELINE, 10001),
+        (SCHEDULER, RAY_HEAD, 10001),
+    ]
+    for src, dst, port in allowed:
+        assert reachable(prod, src, dst, port), (src, dst, port)
+    for src, dst, port in denied:
+        assert not reachable(prod, src, dst, port), (src, dst, port)
+
+
+def test_ray_batch_engine_is_feasts_ray_engine_with_our_values(
+    tmp_path: Path,
+) -> None:
+    from feast.infra.compute_engines.ray.config import RayComputeEngineConfig
+
+    address = "ray://shopml-ray-head-svc.shopml.svc.cluster.local:10001"
+    store = feature_store_from_settings(
+        k8s_settings(tmp_path, feast_batch_engine="ray", ray_address=address)
+    )
+    engine = store.config.batch_engine
+    assert isinstance(engine, RayComputeEngineConfig)
+    assert engine.type == "ray.engine"
+    assert engine.ray_address == address
+    assert engine.use_kuberay is None  # plain Ray Client, no CodeFlare SDK
+    assert engine.write_concurrency == 4  # Redis takes parallel writers
+    assert engine.max_workers is None  # the cluster's CPUs decide
+    assert engine.ray_conf == {"log_to_driver": True}
+
+
+def test_in_process_ray_is_small_and_writes_sqlite_serially(tmp_path: Path) -> None:
+    from feast.infra.compute_engines.ray.config import RayComputeEngineConfig
+
+    store = feature_store_from_settings(
+        Settings(home=tmp_path, feast_batch_engine="ray")
+    )
+    engine = store.config.batch_engine
+    assert isinstance(engine, RayComputeEngineConfig)
+    assert engine.ray_address is None
+    assert engine.write_concurrency == 1
+    assert engine.ray_conf is not None
+    assert engine.ray_conf["num_cpus"] == engine.max_workers == 2
+
+
+def test_ray_cluster_needs_redis(tmp_path: Path) -> None:
+    settings = k8s_settings(
+        tmp_path, feast_batch_engine="ray", ray_address="ray://h:10001", redis_url=None
+    )
+    with pytest.raises(ValueError, match="needs the online store on Redis"):
+        feature_store_from_settings(settings)
 
 
 # --- feature_store_from_settings with the k8s engine -----------------------------------

@@ -52,3 +52,45 @@ def test_bad_boolean_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("SHOPML_PROGRESS", "maybe")
     with pytest.raises(ValueError, match="SHOPML_PROGRESS='maybe'"):
         load_settings()
+
+
+def test_batch_engine_and_ray_address_default_to_in_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = load_settings()
+    assert settings.feast_batch_engine == "local"
+    assert settings.ray_address is None
+    monkeypatch.setenv("SHOPML_RAY_ADDRESS", "")  # the ConfigMap's empty default
+    assert load_settings().ray_address is None
+
+
+def test_ray_engine_on_a_ray_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHOPML_FEAST_BATCH_ENGINE", "ray")
+    monkeypatch.setenv("SHOPML_RAY_ADDRESS", "ray://shopml-ray-head-svc:10001")
+    settings = load_settings()
+    assert settings.feast_batch_engine == "ray"
+    assert settings.ray_address == "ray://shopml-ray-head-svc:10001"
+
+
+def test_unknown_batch_engine_lists_the_choices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SHOPML_FEAST_BATCH_ENGINE", "spark")
+    with pytest.raises(
+        ValueError, match=re.escape("SHOPML_FEAST_BATCH_ENGINE='spark' is not one of")
+    ) as raised:
+        load_settings()
+    assert "local, k8s, ray" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["shopml-ray-head-svc:6379", "http://shopml-ray-head-svc:8265"],
+    ids=["gcs-address", "dashboard-url"],
+)
+def test_ray_address_must_be_a_ray_client_address(
+    monkeypatch: pytest.MonkeyPatch, address: str
+) -> None:
+    monkeypatch.setenv("SHOPML_RAY_ADDRESS", address)
+    with pytest.raises(ValueError, match=re.escape(f"SHOPML_RAY_ADDRESS={address!r}")):
+        load_settings()
