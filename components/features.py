@@ -409,6 +409,48 @@ def register_feature_assets(
     return versions
 
 
+class MaterializationError(RuntimeError):
+    """Materialization reported success but the online store lacks what it wrote."""
+
+
+def verify_online(
+    settings: Settings, recent_items: pd.DataFrame, max_seq_len: int, sample: int = 20
+) -> None:
+    """Read a sample of users back from the online store after materialization.
+
+    Some Feast compute engines (the Ray engine of Feast 0.67) swallow failed online
+    writes and report success; this read-back turns that into a stage failure. Only
+    presence is checked, not equality: events pushed since the batch may have made a
+    user's online sequence newer than the offline table.
+
+    Args:
+        settings: where the online store is.
+        recent_items: the ``user_recent_items`` offline table just materialized.
+        max_seq_len: the sequence length the client reads.
+        sample: how many users with a non-empty sequence to read back (the first and
+            last ones by pseudonym, so the check is deterministic).
+
+    Raises:
+        MaterializationError: a sampled user has no sequence online.
+    """
+    from shopml.features import OnlineFeatureClient
+
+    has_items = recent_items[recent_items[ITEM_SEQ_LEN] > 0]
+    users = sorted(has_items[USER_JOIN_KEY].unique())
+    if not users:
+        return
+    picked = sorted(set(users[: sample // 2] + users[-(sample - sample // 2) :]))
+    client = OnlineFeatureClient.from_settings(settings, max_seq_len=max_seq_len)
+    missing = sum(1 for seq in client.user_sequences(picked) if not seq)
+    if missing:
+        raise MaterializationError(
+            f"online store holds no {USER_RECENT_ITEMS} row for {missing} of "
+            f"{len(picked)} sampled users after materialization with the "
+            f"{settings.feast_batch_engine!r} engine: its online writes failed"
+        )
+    logger.info("online read-back ok users=%d", len(picked))
+
+
 def build_features(
     curated_dir: Path, settings: Settings, *, max_seq_len: int = 50
 ) -> FeatureResult:
@@ -455,6 +497,7 @@ def build_features(
     definitions: list[Any] = build_definitions(root, endpoint)
     store.apply(definitions)
     mode = materialize(store, first.to_pydatetime(), as_of.to_pydatetime())
+    verify_online(settings, tables[USER_RECENT_ITEMS], max_seq_len)
 
     result = FeatureResult(
         offline_root=root,

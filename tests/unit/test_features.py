@@ -150,6 +150,21 @@ def test_feature_tables_are_versioned_assets_with_curated_lineage(
     assert [v.name for v in assets.list()].count("user_activity") == 1
 
 
+def test_read_back_passes_after_materialization_and_catches_lost_writes(
+    built: tuple[Settings, Any],
+) -> None:
+    from components.features import MaterializationError, verify_online
+
+    settings, _ = built
+    written = user_recent_items_table(tiny_events(), 50)
+    verify_online(settings, written, 50)  # both users are online
+
+    lost = written.copy()
+    lost.loc[lost["user_id"] == USER_B, "user_id"] = "u_" + "c" * 32  # never written
+    with pytest.raises(MaterializationError, match="1 of 2 sampled users"):
+        verify_online(settings, lost, 50)
+
+
 def test_user_sequence_is_oldest_first_with_ties_broken_by_item_id(
     client: OnlineFeatureClient,
 ) -> None:
