@@ -14,7 +14,7 @@ IMAGE_TAG ?= 0.1.0
 TORCH_VARIANT ?= cpu
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow test-unit test-integration lint format typecheck compile serve services images bench-data bench-features bench-search bench-train clean
+.PHONY: help install run test test-slow test-unit test-integration lint format typecheck compile serve services images bench-data bench-features bench-search bench-serve bench-train clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -73,6 +73,9 @@ bench-features: install services ## p50/p99 of one user's serving features from 
 
 bench-search: install ## p50/p99 of one search query over 100k items, through the server
 	$(BIN)/python benchmarks/bench_search.py
+
+bench-serve: install services ## Recommender load test on 127.0.0.1 (locust): top-10 at 300 req/s, 10x overload, recovery
+	$(BIN)/python benchmarks/bench_serve.py
 
 bench-train: install ## Our SASRec vs RecBole's on the same MovieLens-100K split (RecBole in its own venv)
 	$(BIN)/python benchmarks/bench_train.py

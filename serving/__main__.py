@@ -27,6 +27,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -38,6 +39,7 @@ from serving.admission import (
     DEFAULT_MAX_IN_FLIGHT,
     AdmissionMiddleware,
 )
+from serving.batching import DEFAULT_MAX_WAIT_MS
 from serving.recommender import DEFAULT_LOOKUP_TIMEOUT_S, RecommenderModel
 from shopml.config import load_settings
 from shopml.features import OnlineFeatureClient
@@ -56,8 +58,11 @@ class BoundModelServer(ModelServer):
     offers no argument for it. ``ModelServer.start`` builds that REST server and then
     calls ``setup_event_loop`` before serving, so the address is set there.
 
-    The same hook wraps KServe's app in :class:`~serving.admission.AdmissionMiddleware`
-    (load shedding and the body size limit).
+    The same hook puts :class:`~serving.admission.AdmissionMiddleware` (load shedding
+    and the body size limit) outermost, so a shed request costs no other middleware.
+    KServe's per-request timing (a middleware that matches every route a second time
+    and calls ``getrusage`` twice, and a formatted log line per request) runs only
+    when the ``kserve.trace`` logger is at INFO or below, i.e. at DEBUG level.
 
     Args:
         host: the address to listen on.
@@ -74,31 +79,47 @@ class BoundModelServer(ModelServer):
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
-        super().__init__(http_port=http_port, enable_grpc=False, workers=1)
+        self.trace_requests = logging.getLogger("kserve.trace").isEnabledFor(
+            logging.INFO
+        )
+        super().__init__(
+            http_port=http_port,
+            enable_grpc=False,
+            workers=1,
+            enable_latency_logging=self.trace_requests,
+        )
         self.host = host
         self.max_in_flight = max_in_flight
         self.max_body_bytes = max_body_bytes
 
     def setup_event_loop(self) -> None:
-        """Point the REST server at ``self.host``, add admission control, then set up
-        the loop as KServe does.
+        """Point the REST server at ``self.host``, choose its middlewares, then set
+        up the loop as KServe does.
 
         Raises:
             RuntimeError: KServe changed and no REST server exists at this point.
         """
-        from kserve.model_server import app
-
-        if self._rest_server is None:
+        rest_server = self._rest_server
+        if rest_server is None or not hasattr(rest_server, "_add_middlewares"):
             raise RuntimeError(
-                "kserve ModelServer has no REST server before serving; the "
-                "bind-address hook in serving.__main__ needs updating for this kserve"
+                "kserve ModelServer has no REST server with _add_middlewares before "
+                "serving; the hook in serving.__main__ needs updating for this kserve"
             )
-        self._rest_server.config.host = self.host
-        app.add_middleware(
-            AdmissionMiddleware,
-            max_in_flight=self.max_in_flight,
-            max_body_bytes=self.max_body_bytes,
-        )
+        rest_server.config.host = self.host
+        add_kserve_middlewares = rest_server._add_middlewares
+
+        def add_middlewares(app: Any) -> None:
+            if self.trace_requests:
+                add_kserve_middlewares(app)
+            # Added last, so it runs first.
+            app.add_middleware(
+                AdmissionMiddleware,
+                max_in_flight=self.max_in_flight,
+                max_body_bytes=self.max_body_bytes,
+            )
+
+        # RESTServer.start (awaited after this hook) builds the app and calls it.
+        rest_server._add_middlewares = add_middlewares
         super().setup_event_loop()
 
 
@@ -140,7 +161,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-batch-size", type=int, default=32, help="rows/batch")
     parser.add_argument(
-        "--max-wait-ms", type=float, default=2.0, help="wait for a batch to fill"
+        "--max-wait-ms",
+        type=float,
+        default=DEFAULT_MAX_WAIT_MS,
+        help="wait for a batch to fill; 0 batches only what queued while the model "
+        "was busy (no added latency)",
     )
     parser.add_argument(
         "--max-in-flight",

@@ -23,6 +23,10 @@ from typing import Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
+# No wait by default: requests that arrive while a batch runs form the next batch, so
+# batches grow with the load and a lone request is never delayed.
+DEFAULT_MAX_WAIT_MS = 0.0
+
 RowT = TypeVar("RowT")
 ResultT = TypeVar("ResultT")
 
@@ -61,7 +65,8 @@ class MicroBatcher(Generic[RowT, ResultT]):
             single worker thread, so it is never called concurrently.
         max_batch_size: rows that end the wait at once (a larger request still runs
             whole, alone).
-        max_wait_ms: longest time the first queued request waits for company.
+        max_wait_ms: longest time the first queued request waits for company; with
+            0, a batch is whatever queued while the previous one ran.
         on_batch: called after every batch with its figures (metrics).
 
     Raises:
@@ -73,7 +78,7 @@ class MicroBatcher(Generic[RowT, ResultT]):
         run_batch: Callable[[list[RowT]], list[ResultT]],
         *,
         max_batch_size: int = 32,
-        max_wait_ms: float = 2.0,
+        max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
         on_batch: Callable[[BatchStats], None] | None = None,
     ) -> None:
         if max_batch_size < 1:

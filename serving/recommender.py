@@ -63,7 +63,7 @@ from kserve.protocol.infer_type import (
 )
 from prometheus_client import Counter, Histogram
 
-from serving.batching import BatchStats, MicroBatcher
+from serving.batching import DEFAULT_MAX_WAIT_MS, BatchStats, MicroBatcher
 from shopml.artifact import ArtifactError, ModelArtifact, load_model_artifact
 from shopml.features import FeatureStoreUnavailable, OnlineFeatureClient, UserFeatures
 from shopml.models.sasrec import left_pad
@@ -480,27 +480,18 @@ def rank_items(
         Per row: item indices best first and their scores; fewer than ``k`` when the
         history and the filters leave fewer items.
     """
-    n_rows, n_columns = len(histories), artifact.config.n_items + 1
-    popularity = torch.from_numpy(artifact.popularity)  # [N]
-    scores = popularity.unsqueeze(0).repeat(n_rows, 1)  # [B, N]
+    n_columns = artifact.config.n_items + 1
+    with torch.inference_mode():
+        scores = _score_rows(artifact, histories)  # [B, N]
 
-    # One forward pass over every row that has a history.
-    rows = [row for row, history in enumerate(histories) if history]
-    if rows:
-        item_seq = left_pad(
-            [histories[row] for row in rows], artifact.config.max_seq_len
-        )
-        with torch.inference_mode():
-            scores[rows] = artifact.model.full_sort_scores(item_seq).float()  # [B', N]
+        # Padding, already-seen and filtered items can never be recommended.
+        scores[:, 0] = float("-inf")
+        for row, history in enumerate(histories):
+            blocked = [*history, *(excluded[row] if excluded else ())]
+            if blocked:
+                scores[row, blocked] = float("-inf")
 
-    # Padding, already-seen and filtered items can never be recommended.
-    scores[:, 0] = float("-inf")
-    for row, history in enumerate(histories):
-        blocked = [*history, *(excluded[row] if excluded else ())]
-        if blocked:
-            scores[row, blocked] = float("-inf")
-
-    top_scores, top_items = torch.topk(scores, k=min(max(ks), n_columns), dim=1)
+        top_scores, top_items = torch.topk(scores, k=min(max(ks), n_columns), dim=1)
     ranked = []
     for row, k in enumerate(ks):
         keep = torch.isfinite(top_scores[row, :k])
@@ -508,6 +499,31 @@ def rank_items(
             (top_items[row, :k][keep].tolist(), top_scores[row, :k][keep].tolist())
         )
     return ranked
+
+
+def _score_rows(
+    artifact: ModelArtifact, histories: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """Float [B, N] scores: the model's for rows with a history, popularity otherwise.
+
+    Called under ``torch.inference_mode``. Histories are padded to the longest one
+    of the batch, not to ``max_seq_len``: positions count from the newest item, so
+    the scores are the same and short histories cost less attention.
+    """
+    max_seq_len = artifact.config.max_seq_len
+    rows = [row for row, history in enumerate(histories) if history]
+    popularity = torch.from_numpy(artifact.popularity)  # [N]
+    if not rows:
+        return popularity.unsqueeze(0).repeat(len(histories), 1)
+
+    width = min(max_seq_len, max(len(histories[row]) for row in rows))
+    item_seq = left_pad([histories[row] for row in rows], width)  # [B', L]
+    model_scores = artifact.model.full_sort_scores(item_seq).float()  # [B', N]
+    if len(rows) == len(histories):
+        return model_scores
+    scores = popularity.unsqueeze(0).repeat(len(histories), 1)  # [B, N]
+    scores[rows] = model_scores
+    return scores
 
 
 def explain_items(
@@ -593,7 +609,7 @@ class RecommenderModel(Model):
         item_categories: Mapping[str, str] | None = None,
         lookup_timeout_s: float = DEFAULT_LOOKUP_TIMEOUT_S,
         max_batch_size: int = 32,
-        max_wait_ms: float = 2.0,
+        max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     ) -> None:
         super().__init__(name)
         if feature_client is not None and pseudonymizer is None:

@@ -150,7 +150,8 @@ def test_batch_rows_are_scored_in_one_forward_pass(model: RecommenderModel) -> N
     finally:
         hook.remove()
 
-    assert calls == [(3, MAX_SEQ_LEN, 32)]  # [B', L, H]: three rows with history
+    # [B', L, H]: three rows with history, padded to the longest of them (2 items)
+    assert calls == [(3, 2, 32)]
     assert [len(p["item_ids"]) for p in predictions] == [10, 10, 10, 2]
 
 

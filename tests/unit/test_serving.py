@@ -85,12 +85,13 @@ def test_a_failing_request_does_not_fail_its_batch_neighbours() -> None:
     batcher = MicroBatcher(reject_negative, max_batch_size=64, max_wait_ms=50)
 
     async def burst() -> list[Any]:
-        return await asyncio.gather(
+        results = await asyncio.gather(
             batcher.submit([1]),
             batcher.submit([-1]),
             batcher.submit([3]),
             return_exceptions=True,
         )
+        return list(results)
 
     first, failed, third = asyncio.run(burst())
 
@@ -173,6 +174,32 @@ def test_rank_items_excludes_given_indices(artifact_dir: Path) -> None:
     [(items, _)] = rank_items(artifact, [[]], [3], excluded=[[30, 28]])
 
     assert items == [29, 27, 26]
+
+
+def test_rank_items_pads_to_the_longest_history_with_the_same_scores(
+    artifact_dir: Path,
+) -> None:
+    import torch
+
+    from shopml.artifact import load_model_artifact
+    from shopml.models.sasrec import left_pad
+
+    artifact = load_model_artifact(artifact_dir)
+    histories = [[3, 7], [1, 4, 9, 12, 5], [8]]
+    with torch.inference_mode():
+        full = artifact.model.full_sort_scores(
+            left_pad(histories, artifact.config.max_seq_len)  # [3, 20]
+        )
+
+    ranked = rank_items(artifact, histories, [5, 5, 5])
+
+    for row, history in enumerate(histories):
+        expected = full[row].clone()
+        expected[[0, *history]] = float("-inf")
+        top = torch.topk(expected, 5)
+        items, scores = ranked[row]
+        assert items == top.indices.tolist()
+        assert scores == pytest.approx(top.values.tolist(), abs=1e-5)
 
 
 def test_category_filter_without_catalog_is_a_400(artifact_dir: Path) -> None:
