@@ -42,9 +42,10 @@ in :mod:`serving.batching` and :mod:`serving.admission`.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
@@ -187,6 +188,47 @@ class RecommendationResult:
     recommendations: list[Recommendation]
 
 
+#: What a field or input name looks like; other names are not quoted in errors.
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def shown_names(names: Iterable[Any]) -> list[str]:
+    """Names sent by a client, fit to quote in an error message (KServe logs it).
+
+    A name that is not shaped like a field name may be personal data sent by mistake
+    (an email as a JSON key), so it is replaced by ``<not a field name>``.
+
+    Args:
+        names: the names as sent.
+
+    Returns:
+        The names, sorted, with the ones that are not field-shaped replaced.
+    """
+    return sorted(
+        name
+        if isinstance(name, str) and _FIELD_NAME.fullmatch(name)
+        else "<not a field name>"
+        for name in names
+    )
+
+
+def shown_value(value: Any) -> str:
+    """A client's value, fit to quote in an error message (KServe logs it).
+
+    Numbers, booleans and null are quoted (``=2.5``); text is not, since a wrong
+    field may carry personal data (an email in ``k``): only its type shows.
+
+    Args:
+        value: the value as sent.
+
+    Returns:
+        ``"=<repr>"`` for a non-text scalar, an empty string otherwise.
+    """
+    if value is None or isinstance(value, bool | int | float | np.integer):
+        return f"={value!r}"
+    return ""
+
+
 def parse_k(value: Any, field: str) -> int:
     """Check a requested list length.
 
@@ -202,7 +244,7 @@ def parse_k(value: Any, field: str) -> int:
     """
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise InvalidInput(
-            f"{field}={value!r} must be an integer between 1 and {MAX_K}, "
+            f"{field}{shown_value(value)} must be an integer between 1 and {MAX_K}, "
             f"got {type(value).__name__}"
         )
     if not 1 <= int(value) <= MAX_K:
@@ -232,7 +274,7 @@ def _parse_item_ids(value: Any, field: str) -> tuple[str, ...]:
     for position, item_id in enumerate(value):
         if not isinstance(item_id, str):
             raise InvalidInput(
-                f"{field}[{position}]={item_id!r} must be a string item id, "
+                f"{field}[{position}]{shown_value(item_id)} must be a string item id, "
                 f"got {type(item_id).__name__}"
             )
     # An empty string is padding (v2 rows are rectangular) and carries no item.
@@ -246,7 +288,7 @@ def _parse_instance(row: int, instance: Any) -> RecommendationQuery:
             f"{field} must be an object with user_id or item_ids, "
             f"got {type(instance).__name__}"
         )
-    unknown = sorted(set(instance) - set(V1_FIELDS))
+    unknown = shown_names(set(instance) - set(V1_FIELDS))
     if unknown:
         raise InvalidInput(
             f"{field} has unknown field(s) {unknown}; accepted: {list(V1_FIELDS)}"
@@ -254,14 +296,14 @@ def _parse_instance(row: int, instance: Any) -> RecommendationQuery:
     if ("user_id" in instance) == ("item_ids" in instance):
         raise InvalidInput(
             f"{field} needs exactly one of user_id or item_ids, "
-            f"got fields {sorted(instance)}"
+            f"got fields {shown_names(instance)}"
         )
 
     k = parse_k(instance.get("k", DEFAULT_K), f"{field}.k")
     explain = instance.get("explain", False)
     if not isinstance(explain, bool):
         raise InvalidInput(
-            f"{field}.explain={explain!r} must be true or false, "
+            f"{field}.explain{shown_value(explain)} must be true or false, "
             f"got {type(explain).__name__}"
         )
     excluded_items, excluded_categories = (
@@ -309,7 +351,7 @@ def parse_v1_body(
                 '/v2/models/<name>/infer, or send {"instances": [...]} here'
             )
         raise InvalidInput(
-            f"'instances' is missing from the v1 body (fields {sorted(body)}); "
+            f"'instances' is missing from the v1 body (fields {shown_names(body)}); "
             'send {"instances": [{"user_id": "..."}]}'
         )
 
@@ -430,7 +472,7 @@ def parse_v2_request(request: InferRequest) -> list[RecommendationQuery]:
             datatypes or shapes, or a bad ``k``.
     """
     inputs = {infer_input.name: infer_input for infer_input in request.inputs}
-    unknown = sorted(set(inputs) - set(V2_INPUTS))
+    unknown = shown_names(set(inputs) - set(V2_INPUTS))
     if unknown:
         raise InvalidInput(
             f"unknown input(s) {unknown}; accepted inputs: {list(V2_INPUTS)}"

@@ -300,7 +300,7 @@ def test_v2_response_serializes_to_rest_json(model: RecommenderModel) -> None:
         ),
         pytest.param(
             {"instances": [{"item_ids": [], "k": "5"}]},
-            r"k='5' must be an int",
+            r"instances\[0\].k must be an integer between 1 and 100, got str",
             id="k-str",
         ),
         pytest.param(

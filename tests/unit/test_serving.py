@@ -270,7 +270,7 @@ def test_explain_verb_adds_explanations_predict_does_not(
         ),
         pytest.param(
             {"instances": [{"item_ids": [], "explain": "yes"}]},
-            r"instances\[0\].explain='yes' must be true or false",
+            r"instances\[0\].explain must be true or false",
             id="explain-type",
         ),
         pytest.param(
