@@ -107,8 +107,11 @@ def forget_user(
     for version in assets.list():
         if version.rows is not None and version.zone in ("raw", "curated", "features"):
             by_name.setdefault(version.name, []).append(version)
-    for versions in by_name.values():
-        _erase_from_asset(assets, versions, matcher, result)
+    # Find every holding before writing anything: a table that cannot be read or
+    # matched fails the erasure before any asset has changed.
+    holdings = [(v, _holdings(assets, v, matcher)) for v in by_name.values()]
+    for versions, holding in holdings:
+        _erase_from_asset(assets, versions, holding, result)
 
     _erase_offline(settings, pseudonym, result)
     result = _with_online(result, _erase_online(settings, pseudonym))
@@ -135,7 +138,7 @@ class _Matcher:
 
     def rows(self, table: pa.Table, zone: str) -> pa.Array:
         """Boolean mask of the person's rows (all False when there is no id column)."""
-        mask = pa.array([False] * table.num_rows)
+        mask = pa.array([False] * table.num_rows, type=pa.bool_())
         if "user_id" in table.column_names:
             ids = table.column("user_id").to_pylist()
             is_raw = zone == "raw"
@@ -144,7 +147,7 @@ class _Matcher:
                 v is not None and (normalize_identifier(v) if is_raw else v) == wanted
                 for v in ids
             ]
-            mask = pc.or_(mask, pa.array(hits))
+            mask = pc.or_(mask, pa.array(hits, type=pa.bool_()))
         if zone == "raw" and "raw_record" in table.column_names:
             # Whole unparsed records: the id as a token, not inside another number.
             records = pc.fill_null(table.column("raw_record"), "")
@@ -154,19 +157,29 @@ class _Matcher:
         return mask
 
 
-def _erase_from_asset(
-    assets: AssetStore,
-    versions: list[AssetVersion],
-    matcher: _Matcher,
-    result: ErasureResult,
-) -> None:
-    """New latest version without the person, then purge versions that hold them."""
+_Holding = tuple[AssetVersion, pa.Table, pa.Array]
+
+
+def _holdings(
+    assets: AssetStore, versions: list[AssetVersion], matcher: _Matcher
+) -> list[_Holding]:
+    """The versions of one asset that hold the person, with their rows' mask."""
     holding = []
     for version in versions:
         table = assets.read_table(version.name, version.version)
         mask = matcher.rows(table, version.zone)
         if pc.any(mask).as_py():
             holding.append((version, table, mask))
+    return holding
+
+
+def _erase_from_asset(
+    assets: AssetStore,
+    versions: list[AssetVersion],
+    holding: list[_Holding],
+    result: ErasureResult,
+) -> None:
+    """New latest version without the person, then purge versions that hold them."""
     if not holding:
         return
 

@@ -145,6 +145,29 @@ def test_forget_removes_the_user_from_redis(
     assert scan_for_values([], [redis_server.url], [JANE_PSEUDONYM]) == []
 
 
+def test_forget_passes_over_empty_tables(tmp_path: Path) -> None:
+    # Every normal run stores an empty quarantine table; an empty column has no type
+    # to match against, which once crashed forget half-way through.
+    settings = Settings(home=tmp_path / "home", progress=False)
+    assets, audit, old_ref = _seed(settings, tmp_path)
+    empty = pa.table(
+        {"user_id": pa.array([], pa.string()), "reason": pa.array([], pa.string())}
+    )
+    assets.put_table(
+        "quarantine_catalog", "raw", empty, owner="o",
+        classification={"user_id": "pii", "reason": "internal"},
+        producer="test", inputs=[],
+    )  # fmt: skip
+
+    result = forget_user(
+        JANE, assets=assets, pseudonymizer=PSEUDO, settings=settings, audit=audit
+    )
+
+    assert result.rows_removed["events"] == 5
+    assert "quarantine_catalog" not in result.rows_removed
+    _assert_forgotten(settings, assets, old_ref)
+
+
 def test_forget_of_an_unknown_user_changes_nothing(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path / "home", progress=False)
     assets, _, old_ref = _seed(settings, tmp_path)
