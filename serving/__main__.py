@@ -25,14 +25,21 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+from fastapi.responses import JSONResponse
 from kserve import ModelServer
-from kserve.errors import NoModelReady
+from kserve.errors import (
+    InvalidInput,
+    ModelNotFound,
+    NoModelReady,
+    UnsupportedProtocol,
+)
 
 from serving.admission import (
     DEFAULT_MAX_BODY_BYTES,
@@ -118,9 +125,44 @@ class BoundModelServer(ModelServer):
                 max_body_bytes=self.max_body_bytes,
             )
 
-        # RESTServer.start (awaited after this hook) builds the app and calls it.
+        add_kserve_handlers = rest_server._add_exception_handlers
+
+        def add_exception_handlers(app: Any) -> None:
+            add_kserve_handlers(app)
+            for error, status in CLIENT_ERRORS.items():
+                app.add_exception_handler(error, _client_error_handler(status))
+
+        # RESTServer.start (awaited after this hook) builds the app and calls these.
         rest_server._add_middlewares = add_middlewares
+        rest_server._add_exception_handlers = add_exception_handlers
+        # uvicorn's access line holds the URL path, where a client may put anything
+        # (an email as a model name): only at DEBUG, like KServe's timing lines.
+        logging.getLogger("uvicorn.access").setLevel(
+            logging.INFO if self.trace_requests else logging.WARNING
+        )
         super().setup_event_loop()
+
+
+#: Client mistakes answered without a traceback in the log: KServe's own handlers log
+#: each one at ERROR with its stack (about 20 lines a request) and its message, which
+#: may quote the URL's model name.
+CLIENT_ERRORS: dict[type[Exception], HTTPStatus] = {
+    InvalidInput: HTTPStatus.BAD_REQUEST,
+    ModelNotFound: HTTPStatus.NOT_FOUND,
+    UnsupportedProtocol: HTTPStatus.BAD_REQUEST,
+}
+
+
+def _client_error_handler(
+    status: HTTPStatus,
+) -> Callable[[Any, Exception], Awaitable[JSONResponse]]:
+    """A handler that answers ``status`` with the error's message and logs one line."""
+
+    async def handle(_request: Any, error: Exception) -> JSONResponse:
+        logger.warning("rejected request: %s (%d)", type(error).__name__, status)
+        return JSONResponse(status_code=status, content={"error": str(error)})
+
+    return handle
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -229,6 +229,31 @@ def shown_value(value: Any) -> str:
     return ""
 
 
+#: The tensor datatypes of the v2 protocol; anything else is not quoted in errors.
+V2_DATATYPES = frozenset(
+    [
+        "BOOL",
+        "UINT8",
+        "UINT16",
+        "UINT32",
+        "UINT64",
+        "INT8",
+        "INT16",
+        "INT32",
+        "INT64",
+        "FP16",
+        "FP32",
+        "FP64",
+        "BYTES",
+    ]
+)
+
+
+def shown_datatype(datatype: Any) -> str:
+    """A v2 datatype fit to quote in an error: a known one, else a placeholder."""
+    return datatype if datatype in V2_DATATYPES else "<not a v2 datatype>"
+
+
 def parse_k(value: Any, field: str) -> int:
     """Check a requested list length.
 
@@ -372,7 +397,8 @@ def _v2_strings(infer_input: InferInput) -> np.ndarray:
     name = infer_input.name
     if infer_input.datatype != "BYTES":
         raise InvalidInput(
-            f"input '{name}' has datatype {infer_input.datatype}; it must be BYTES"
+            f"input '{name}' has datatype {shown_datatype(infer_input.datatype)}; "
+            "it must be BYTES"
         )
     try:
         array = infer_input.as_numpy()
@@ -399,7 +425,8 @@ def _v2_ks(infer_input: InferInput | None, n_rows: int) -> list[int]:
         return [DEFAULT_K] * n_rows
     if infer_input.datatype not in _INT_DATATYPES:
         raise InvalidInput(
-            f"input 'k' has datatype {infer_input.datatype}; it must be INT32"
+            f"input 'k' has datatype {shown_datatype(infer_input.datatype)}; "
+            "it must be INT32"
         )
     try:
         values = infer_input.as_numpy().reshape(-1)

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -252,6 +253,39 @@ def test_malformed_requests_get_400_naming_the_field(
 
     assert response.status_code == 400
     assert expected in response.json()["error"]
+
+
+def test_client_mistakes_are_logged_in_one_line_without_what_the_client_sent(
+    served: LocalDeployment,
+) -> None:
+    secret = "Leak.Canary+srv@Example.COM"
+    bad_v2 = {
+        "inputs": [{"name": "user_id", "datatype": secret, "shape": [1], "data": ["x"]}]
+    }
+    before = served.log_path.read_text()
+
+    responses = [
+        httpx.post(f"{served.url}/v2/models/recommender/infer", json=bad_v2),
+        httpx.post(f"{served.url}/v1/models/{secret}:predict", json={"instances": []}),
+        httpx.post(f"{served.endpoint}:predict", json={"instances": [{secret: 1}]}),
+    ]
+
+    assert [r.status_code for r in responses] == [400, 404, 400]
+    assert secret.lower() not in responses[0].text.lower()
+    assert "<not a v2 datatype>" in responses[0].json()["error"]
+    assert secret.lower() not in responses[2].text.lower()
+    deadline = time.monotonic() + 5
+    while (
+        served.log_path.read_text().count("rejected request")
+        < len(before.split("rejected request")) + 2
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    new_lines = served.log_path.read_text()[len(before) :]
+    assert secret.lower() not in new_lines.lower()
+    assert "Traceback" not in new_lines
+    assert new_lines.count("rejected request: InvalidInput (400)") == 2
+    assert new_lines.count("rejected request: ModelNotFound (404)") == 1
 
 
 def test_user_rows_on_a_server_without_feature_store_fail_the_monitor(
