@@ -59,8 +59,11 @@ class TrainConfig:
         epochs: maximum passes over the training windows.
         batch_size: windows per optimisation step.
         lr: peak learning rate of AdamW.
-        weight_decay: AdamW decoupled weight decay (biases, LayerNorms and embeddings
-            are not decayed).
+        weight_decay: AdamW decoupled weight decay of the weight matrices of linear
+            layers (biases and LayerNorms are never decayed).
+        embedding_weight_decay: AdamW decoupled weight decay of the item and position
+            embedding tables; 0 (the default) leaves them undecayed. Sparse data with
+            few interactions per item (Amazon 5-core) gains from a little.
         warmup_ratio: fraction of all steps spent warming the learning rate up linearly
             from 0; the rest decays it along a cosine to 0.
         patience: evaluations without a better validation NDCG@10 before stopping.
@@ -77,6 +80,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.1
+    embedding_weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     patience: int = 10
     min_steps: int = 200
@@ -96,6 +100,9 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be positive")
+        for name in ("weight_decay", "embedding_weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be 0 or more")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
 
@@ -197,15 +204,14 @@ def _lr_lambda(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
 
 
 def _optimizer(model: SASRec, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW that decays only the weight matrices of linear layers."""
-    decay = [
-        p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n
-    ]
-    no_decay = [
-        p for n, p in model.named_parameters() if p.dim() < 2 or "embedding" in n
-    ]
+    """AdamW: linear weights and embedding tables decayed as configured, no others."""
+    params = list(model.named_parameters())
+    embeddings = [p for n, p in params if "embedding" in n]
+    decay = [p for n, p in params if p.dim() >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in params if p.dim() < 2 and "embedding" not in n]
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
+        {"params": embeddings, "weight_decay": config.embedding_weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=config.lr)

@@ -24,6 +24,18 @@ from shopml.training import TrainConfig, TrainResult, train_sasrec
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MAX_SEQ_LEN = 20
+# Amazon's own settings, tuned on the validation split only (issue 6); the train
+# stage's defaults stay tuned on MovieLens. Histories are short (mean 7) and sparse
+# (13.6 interactions per item), so 20 positions suffice and dropout is high. Width 128:
+# a 64-wide item table underfits the item-to-item relations ItemKNN reads directly
+# (valid NDCG@10 with text 0.085 at 64, 0.089 at 128). A cosine schedule over 20
+# epochs (warm-up 100 steps) at lr 1e-3 with a little decay on the embedding tables
+# anneals within the run instead of overfitting at a constant rate (valid 0.0895).
+HIDDEN_SIZE = 128
+EPOCHS = 20
+LR = 1e-3
+EMBEDDING_WEIGHT_DECAY = 0.1
+WARMUP_RATIO = 0.065  # 100 of the 20 x 77 steps
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +58,26 @@ def train(
     model_config = SASRecConfig(
         n_items=split.n_items,
         max_seq_len=MAX_SEQ_LEN,
+        hidden_size=HIDDEN_SIZE,
         dropout=0.5,
         text_dim=text_dim,
         id_dropout=id_dropout,
     )
-    train_config = TrainConfig(patience=5, lr=2e-3, device="cpu")
+    train_config = TrainConfig(
+        epochs=EPOCHS,
+        patience=5,
+        lr=LR,
+        embedding_weight_decay=EMBEDDING_WEIGHT_DECAY,
+        warmup_ratio=WARMUP_RATIO,
+        device="cpu",
+    )
     return train_sasrec(split, model_config, train_config, item_text=item_text)
 
 
 @pytest.mark.xfail(
-    reason="not met yet: measured test NDCG@10 SASRec+text 0.0785 (id-only 0.0755) "
-    "vs ItemKNN 0.0888 (fitted on the same training histories); see issue 6 notes",
+    reason="not met yet: measured test NDCG@10 SASRec+text 0.0821 (HR@10 0.1195; "
+    "valid 0.0895) vs ItemKNN 0.0888 (HR@10 0.1227; valid 0.0899), fitted on the "
+    "same training histories; see issue 6 notes",
     strict=False,
 )
 def test_sasrec_beats_every_baseline(

@@ -17,13 +17,14 @@ from components.train import TrainParams, train, train_model
 from shopml.artifact import load_model_artifact
 from shopml.evaluation import evaluate_scorer
 from shopml.models.baselines import PopularityRecommender
-from shopml.models.sasrec import SASRecConfig
+from shopml.models.sasrec import SASRec, SASRecConfig
 from shopml.sequences import LeaveOneOutSplit, split_events
 from shopml.storage import LocalStore
 from shopml.training import (
     Checkpointer,
     TrainConfig,
     _lr_lambda,
+    _optimizer,
     train_sasrec,
     training_windows,
 )
@@ -102,6 +103,25 @@ def test_learning_rate_warms_up_then_decays_to_zero() -> None:
     assert factor(9) == pytest.approx(1.0)
     assert factor(55) == pytest.approx(0.5)
     assert factor(100) == pytest.approx(0.0)
+
+
+def test_embedding_tables_get_their_own_weight_decay(split: LeaveOneOutSplit) -> None:
+    model_config, train_config = tiny_configs(split)
+    train_config.embedding_weight_decay = 0.05
+    model = SASRec(model_config)
+
+    optimizer = _optimizer(model, train_config)
+
+    decay = {
+        id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]
+    }
+    assert len(decay) == len(list(model.parameters()))  # each parameter exactly once
+    assert decay[id(model.item_embedding.weight)] == 0.05
+    assert decay[id(model.position_embedding.weight)] == 0.05
+    named = dict(model.named_parameters())
+    assert decay[id(named["encoder.blocks.0.attn.qkv.weight"])] == 0.1
+    assert decay[id(named["encoder.blocks.0.attn.qkv.bias"])] == 0.0
+    assert decay[id(named["encoder.ln_f.weight"])] == 0.0
 
 
 def test_training_beats_popularity_on_a_learnable_pattern(
