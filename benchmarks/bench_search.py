@@ -18,7 +18,12 @@ What it does:
    (query-embedding cache hits), and personalized queries with a 10-item history;
 4. prints floors measured side by side on the client core, so that figures compare
    across noisy machines: the bare bm25s ``get_scores`` call, the bare MiniLM forward
-   pass of one query, and an HTTP round trip to the server's ready endpoint.
+   pass of one query, and an HTTP round trip to the server's ready endpoint;
+5. times each stage of the query path in-process on the client core (normalize and
+   spell, BM25 over the postings, MiniLM query encoding, HNSW search, fusion,
+   personalization, the v1 JSON body), wall time and the thread's CPU time; CPU time
+   does not count the time a loaded machine keeps the process waiting, so it shows
+   where the work goes even when wall times are inflated.
 
 Nothing is asserted: the figures are printed.
 """
@@ -26,6 +31,7 @@ Nothing is asserted: the figures are printed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import subprocess
@@ -43,16 +49,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shopml.artifact import save_model_artifact  # noqa: E402
+from shopml.artifact import load_model_artifact, save_model_artifact  # noqa: E402
 from shopml.config import load_settings  # noqa: E402
 from shopml.models.sasrec import SASRec, SASRecConfig  # noqa: E402
 from shopml.search import (  # noqa: E402
+    SASRecPersonalizer,
+    SearchEngine,
+    SearchOptions,
     TextEncoder,
     build_search_index,
     load_search_index,
     save_search_index,
 )
-from shopml.search.text import tokenize  # noqa: E402
+from shopml.search.encoder import QUERY_MAX_TOKENS  # noqa: E402
+from shopml.search.text import prepare_query, tokenize  # noqa: E402
 
 BRANDS = [
     "acme",
@@ -192,6 +202,13 @@ def percentiles(samples: list[float]) -> str:
     return f"p50 {np.percentile(ms, 50):7.2f} ms   p99 {np.percentile(ms, 99):7.2f} ms"
 
 
+def timed_cpu(call: Callable[[], object]) -> tuple[float, float]:
+    """Wall and thread-CPU seconds of one call."""
+    wall, cpu = time.perf_counter(), time.thread_time()
+    call()
+    return time.perf_counter() - wall, time.thread_time() - cpu
+
+
 def timed(call: Callable[[], object], repeats: int) -> list[float]:
     samples = []
     for _ in range(repeats):
@@ -266,6 +283,66 @@ def floors(index_dir: Path, texts: list[str]) -> None:
     print(f"floor: bare MiniLM query forward   : {percentiles(encode)}")
 
 
+def _cold_search(engine: SearchEngine, text: str) -> None:
+    """One unpersonalized query with the query-vector cache emptied first."""
+    engine.encoder.clear_cache()
+    engine.search(text, options=SearchOptions(personalize=False))
+
+
+def _stage_calls(
+    engine: SearchEngine, text: str, history: list[str]
+) -> dict[str, Callable[[], object]]:
+    """One query's stages as calls, each fed by the previous stage's output."""
+    from serving.search import _v1_prediction
+
+    index = engine.index
+    prepared = prepare_query(text)
+    tokens = index.corrector.correct_all(prepared.tokens)
+    vector = engine.encoder.encode_query(" ".join(tokens))
+    match = index.match(tokens, None)
+    response = engine.search(text, options=SearchOptions(personalize=False))
+    return {
+        "normalize + spelling": lambda: index.corrector.correct_all(
+            prepare_query(text).tokens
+        ),
+        "BM25 over postings (+top 100)": lambda: engine._keyword_top(
+            index.match(tokens, None), 100, True
+        ),
+        "MiniLM query encoding": lambda: engine.encoder._forward(
+            [" ".join(tokens)], QUERY_MAX_TOKENS
+        ),
+        "dense top 100 (HNSW or exact)": lambda: engine._dense_top(vector, None, 100),
+        "whole query, no cache": partial(_cold_search, engine, text),
+        "personalized, cached vector": lambda: engine.search(text, history=history),
+        "v1 JSON body": lambda: json.dumps({"predictions": [_v1_prediction(response)]}),
+        "(BM25 as before: get_scores)": lambda: (
+            index.bm25.get_scores(tokens) if match.rows.size else None
+        ),
+    }
+
+
+def stages(
+    index_dir: Path, model_dir: Path, texts: list[str], history: list[str]
+) -> None:
+    """Print p50/p99 wall and CPU time of each stage of the query path."""
+    engine = SearchEngine(
+        load_search_index(index_dir),
+        TextEncoder(),
+        SASRecPersonalizer(load_model_artifact(model_dir)),
+    )
+    samples: dict[str, list[tuple[float, float]]] = {}
+    for text in texts:
+        for name, call in _stage_calls(engine, text, history).items():
+            samples.setdefault(name, []).append(timed_cpu(call))
+    for name, pairs in samples.items():
+        wall, cpu = (np.array(column) * 1000 for column in zip(*pairs, strict=True))
+        print(
+            f"stage {name:31s}: wall p50 {np.percentile(wall, 50):6.2f} "
+            f"p99 {np.percentile(wall, 99):6.2f} ms   cpu p50 "
+            f"{np.percentile(cpu, 50):6.2f} p99 {np.percentile(cpu, 99):6.2f} ms"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=100_000)
@@ -275,6 +352,9 @@ def main() -> None:
         "--index-dir", type=Path, help="an existing index instead of the synthetic one"
     )
     parser.add_argument("--model-dir", type=Path, help="model artifact for --index-dir")
+    parser.add_argument(
+        "--stages-only", action="store_true", help="only the in-process stage times"
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -288,6 +368,10 @@ def main() -> None:
 
     os.sched_setaffinity(0, {1 % os.cpu_count()})  # type: ignore[operator]
     torch.set_num_threads(1)
+    history = catalog["item_id"].iloc[:10].astype(str).tolist()
+    if args.stages_only:
+        stages(index_dir, model_dir, texts, history)
+        return
     url = f"http://127.0.0.1:{args.port}"
     process = start_server(model_dir, index_dir, args.port)
     try:
@@ -298,6 +382,7 @@ def main() -> None:
         process.terminate()
         process.wait(timeout=30)
     floors(index_dir, texts)
+    stages(index_dir, model_dir, texts, history)
 
 
 if __name__ == "__main__":

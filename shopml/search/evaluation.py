@@ -6,19 +6,24 @@ item ids before the query, for personalization; empty otherwise). It comes from:
 
 * logs, where ``search`` events exist: a query followed, in the same session, by a
   click, cart or purchase of an item makes that item relevant (:func:`queries_from_logs`);
-* the catalog otherwise (:func:`queries_from_catalog`): ``title_keywords`` (three words
-  of a title; relevant: that item), ``misspelling`` (the same with one typing error in
-  its longest word) and ``category_phrase`` (a category name; relevant: its items);
+* the catalog otherwise (:func:`queries_from_catalog`): ``title_keywords`` (three
+  consecutive words that identify one title; relevant: that item), ``misspelling``
+  (the same with one typing error in its longest word) and ``category_phrase`` (a
+  category name; relevant: its items);
 * purchase baskets, for personalization (:func:`queries_from_baskets`): the category of
   an item in a user's last basket is the query, the basket's items of that category are
   relevant, and everything bought before is the history.
 
 Metrics: nDCG@10 with binary gains, and recall@50 capped as in BEIR
 (``hits / min(|relevant|, 50)``) so large categories do not cap it near zero.
+
+Fusion settings are chosen on a validation part (:func:`split_queries`,
+:func:`tune_fusion`) and reported on the held-out test part.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -27,7 +32,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from shopml.search.engine import SearchEngine, SearchOptions
-from shopml.search.text import normalize
+from shopml.search.text import normalize, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +92,62 @@ def _content_words(title: str) -> list[str]:
     return [w for w in words if len(w) >= 3]
 
 
+def _distinctive_windows(
+    words: list[str], postings: dict[str, set[int]]
+) -> list[list[str]]:
+    """Three-word windows of a title that no other catalog title holds all of."""
+    windows = []
+    for start in range(len(words) - 2):
+        window = words[start : start + 3]
+        tokens = set(tokenize(" ".join(window)))
+        if not tokens:
+            continue
+        holders = set.intersection(*(postings.get(t, set()) for t in tokens))
+        if len(holders) == 1:
+            windows.append(window)
+    return windows
+
+
+def _title_queries(
+    items: pd.DataFrame, n_items: int, rng: random.Random
+) -> list[dict[str, object]]:
+    """``title_keywords`` and ``misspelling`` queries of ``n_items`` drawn items."""
+    titles = [str(title) for title in items["title"]]
+    postings: dict[str, set[int]] = {}
+    for position, title in enumerate(titles):
+        for token in set(tokenize(title)):
+            postings.setdefault(token, set()).add(position)
+
+    order = list(range(len(titles)))
+    rng.shuffle(order)
+    rows: list[dict[str, object]] = []
+    for position in order:
+        if len(rows) >= 2 * n_items:
+            break
+        words = _content_words(titles[position])
+        windows = _distinctive_windows(words, postings) if len(words) >= 3 else []
+        if not windows:
+            continue
+        chosen = rng.choice(windows)
+        longest = max(range(3), key=lambda i: len(chosen[i]))
+        typo = [misspell(w, rng) if i == longest else w for i, w in enumerate(chosen)]
+        item_id = str(items["item_id"].iat[position])
+        for kind, query in (("title_keywords", chosen), ("misspelling", typo)):
+            rows.append(_row(kind, " ".join(query), [item_id], []))
+    return rows
+
+
 def queries_from_catalog(
     catalog: pd.DataFrame, n_items: int = 300, n_categories: int = 50, seed: int = 7
 ) -> pd.DataFrame:
     """Derive a labelled query set from catalog titles and categories.
+
+    Title queries are known-item queries (Azzopardi, de Rijke and Balog, SIGIR 2007):
+    three consecutive words of a title that *identify* it, i.e. no other title holds
+    all three. A window shared by many titles ("organic whole milk") has many equally
+    right answers but one label, so the method whose tie-break happens to match the
+    draw (BM25's preference for short titles) would win; items without an
+    identifying window are not drawn.
 
     Args:
         catalog: ``item_id``, ``title`` and optional ``category``.
@@ -103,20 +160,7 @@ def queries_from_catalog(
     """
     rng = random.Random(seed)
     items = catalog.drop_duplicates("item_id")
-    eligible = [
-        (str(item_id), words)
-        for item_id, title in zip(items["item_id"], items["title"], strict=True)
-        if len(words := _content_words(str(title))) >= 3
-    ]
-    rows: list[dict[str, object]] = []
-    for item_id, words in rng.sample(eligible, min(n_items, len(eligible))):
-        start = rng.randrange(0, len(words) - 2)
-        chosen = words[start : start + 3]
-        longest = max(range(3), key=lambda i: len(chosen[i]))
-        typo = [misspell(w, rng) if i == longest else w for i, w in enumerate(chosen)]
-        for kind, query in (("title_keywords", chosen), ("misspelling", typo)):
-            rows.append(_row(kind, " ".join(query), [item_id], []))
-
+    rows = _title_queries(items, n_items, rng)
     if "category" in items.columns:
         by_category = items.dropna(subset=["category"]).groupby("category")["item_id"]
         groups = sorted((str(c), list(map(str, ids))) for c, ids in by_category)
@@ -131,15 +175,17 @@ def queries_from_baskets(
     max_users: int = 300,
     max_history: int = 50,
     seed: int = 7,
+    per_user: int = 1,
 ) -> pd.DataFrame:
     """User queries from each user's last basket (``session_id``), for personalization.
 
     Args:
         events: canonical events with ``session_id`` (one basket per session).
         catalog: ``item_id`` and ``category``.
-        max_users: users drawn (each gives one query).
+        max_users: users drawn.
         max_history: most recent items kept as the history.
         seed: seed of the draws.
+        per_user: categories of the last basket drawn per user (one query each).
 
     Returns:
         ``user_category`` queries: the category of one last-basket item; relevant are
@@ -150,19 +196,21 @@ def queries_from_baskets(
     frame = events.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
     rows: list[dict[str, object]] = []
     users = sorted(frame["user_id"].unique())
+    by_user = dict(tuple(frame.groupby("user_id", sort=False)))
     for user_id in rng.sample(users, min(max_users, len(users))):
-        user = frame[frame["user_id"] == user_id]
+        user = by_user[user_id]
         last_session = user["session_id"].iloc[-1]
         basket = user[user["session_id"] == last_session]
         before = user[user["session_id"] != last_session]["item_id"].tolist()
         categories = basket["item_id"].map(category).dropna()
         if categories.empty or not before:
             continue
-        chosen = rng.choice(sorted(set(categories)))
-        relevant = sorted(
-            set(basket["item_id"][categories.index[categories == chosen]])
-        )
-        rows.append(_row("user_category", chosen, relevant, before[-max_history:]))
+        options = sorted(set(categories))
+        for chosen in rng.sample(options, min(per_user, len(options))):
+            relevant = sorted(
+                set(basket["item_id"][categories.index[categories == chosen]])
+            )
+            rows.append(_row("user_category", chosen, relevant, before[-max_history:]))
     return _numbered(rows)
 
 
@@ -205,6 +253,48 @@ def _numbered(rows: list[dict[str, object]]) -> pd.DataFrame:
     return frame
 
 
+def split_queries(
+    queries: pd.DataFrame, validation_share: float = 0.5, salt: str = "shopml"
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split a query set into a validation part (for tuning) and a held-out test part.
+
+    The split is by a stable hash, not by position: a title query and its misspelling
+    (same relevant item) fall on the same side, and so do all queries of one user
+    (same history), so the test part shares no item or user with what was tuned on.
+
+    Args:
+        queries: a query set.
+        validation_share: the share of groups that go to validation, in (0, 1).
+        salt: changes which groups go where.
+
+    Returns:
+        ``(validation, test)``, each keeping the original ``query_id``.
+
+    Raises:
+        ValueError: ``validation_share`` is not strictly between 0 and 1.
+    """
+    if not 0.0 < validation_share < 1.0:
+        raise ValueError(f"validation_share={validation_share} must be in (0, 1)")
+    keys = [
+        "h:" + "|".join(map(str, history))
+        if len(history)
+        else "r:" + "|".join(sorted(map(str, relevant)))
+        for relevant, history in zip(
+            queries["relevant"], queries["history"], strict=True
+        )
+    ]
+    draws = [
+        int.from_bytes(hashlib.sha256(f"{salt}:{key}".encode()).digest()[:8], "big")
+        / 2**64
+        for key in keys
+    ]
+    is_validation = pd.Series(draws, index=queries.index) < validation_share
+    return (
+        queries[is_validation].reset_index(drop=True),
+        queries[~is_validation].reset_index(drop=True),
+    )
+
+
 def evaluate_queries(
     engine: SearchEngine,
     queries: pd.DataFrame,
@@ -239,6 +329,61 @@ def evaluate_queries(
             )
     frame = pd.DataFrame(records, columns=["method", "kind", "ndcg_10", "recall_50"])
     return _summarize(frame, list(methods))
+
+
+def fusion_grid() -> list[SearchOptions]:
+    """Hybrid settings :func:`tune_fusion` tries: convex weights, RRF constants, depths."""
+    grid = [
+        SearchOptions(k=50, personalize=False, fusion="convex", dense_weight=weight,
+                      candidates=depth)
+        for weight in (0.25, 0.5, 1.0, 2.0)
+        for depth in (50, 100)
+    ]  # fmt: skip
+    grid += [
+        SearchOptions(k=50, personalize=False, fusion="rrf", rrf_k=rrf_k,
+                      dense_weight=weight, candidates=100)
+        for rrf_k in (10, 60)
+        for weight in (0.5, 1.0)
+    ]  # fmt: skip
+    return grid
+
+
+def tune_fusion(
+    engine: SearchEngine,
+    validation: pd.DataFrame,
+    grid: Sequence[SearchOptions] | None = None,
+) -> tuple[SearchOptions, pd.DataFrame]:
+    """Choose the hybrid fusion settings on validation queries (never on test ones).
+
+    Args:
+        engine: the search engine.
+        validation: the validation part of a query set (:func:`split_queries`).
+        grid: hybrid settings to try; :func:`fusion_grid` when ``None``.
+
+    Returns:
+        The settings with the best nDCG@10 + recall@50 over all validation queries,
+        and a table of every setting (``fusion``, ``rrf_k``, ``dense_weight``,
+        ``candidates``, ``ndcg_10``, ``recall_50``).
+
+    Raises:
+        ValueError: the grid is empty.
+    """
+    grid = list(grid) if grid is not None else fusion_grid()
+    if not grid:
+        raise ValueError("grid is empty; pass at least one SearchOptions")
+    records = []
+    for options in grid:
+        table = evaluate_queries(engine, validation, {"hybrid": options})
+        overall = table[table["kind"] == "all"].iloc[0]
+        records.append(
+            (options.fusion, options.rrf_k, options.dense_weight, options.candidates,
+             float(overall["ndcg_10"]), float(overall["recall_50"]))
+        )  # fmt: skip
+    columns = ["fusion", "rrf_k", "dense_weight", "candidates", "ndcg_10", "recall_50"]
+    results = pd.DataFrame(records, columns=columns)
+    best = int((results["ndcg_10"] + results["recall_50"]).to_numpy().argmax())
+    logger.info("fusion tuned on %d queries: %s", len(validation), grid[best])
+    return grid[best], results
 
 
 def _summarize(frame: pd.DataFrame, methods: list[str]) -> pd.DataFrame:

@@ -23,6 +23,8 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,23 @@ NON_TEXT_COLUMNS = ("item_id", "title", "category", "price")
 
 class SearchIndexError(Exception):
     """A search index folder is incomplete, corrupt, or was built differently."""
+
+
+@dataclass(frozen=True)
+class KeywordMatch:
+    """BM25 scores of one query over the whole catalog, and which items hold it all.
+
+    Attributes:
+        scores: float32 [N] BM25 score of every item (0 where no query token occurs).
+        is_full: bool [N] whether the item holds every distinct query token known to
+            the index.
+        rows: int64 [M] items holding at least one query token and allowed by the
+            filters, ascending.
+    """
+
+    scores: np.ndarray
+    is_full: np.ndarray
+    rows: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -137,14 +156,53 @@ class SearchIndex:
             dtype=object,
         )
         self.prices = self.items["price"].astype("float64").to_numpy()
+        self.raw_categories: list[str | None] = [
+            c if isinstance(c, str) else None for c in self.items["category"]
+        ]
         self.exact_titles: dict[str, list[int]] = {}
         for row, title in enumerate(self.titles):
             self.exact_titles.setdefault(normalize(title), []).append(row)
+        # The bm25s index is a CSC matrix (token -> items holding it, with each
+        # item's precomputed BM25 term score); queries read its columns directly.
+        csc = self.bm25.scores
+        self._term_scores = np.asarray(csc["data"], dtype=np.float32)
+        self._term_rows = np.asarray(csc["indices"], dtype=np.int64)
+        self._term_starts = np.asarray(csc["indptr"], dtype=np.int64)
+        self._vocab: dict[str, int] = dict(self.bm25.vocab_dict)
 
     @property
     def n_items(self) -> int:
         """Number of items in the index."""
         return len(self.item_ids)
+
+    def match(self, tokens: Sequence[str], mask: np.ndarray | None) -> KeywordMatch:
+        """BM25-score every item for the query tokens, reading only their postings.
+
+        The sum over query tokens of each item's precomputed term score, exactly what
+        ``bm25s.BM25.get_scores`` returns (a repeated query token counts again), but
+        touching only the items that hold a query token: no pass over the catalog per
+        token and no ``np.add.at``.
+
+        Args:
+            tokens: the (corrected) query tokens.
+            mask: bool [N] rows the filters allow; ``None`` allows all.
+
+        Returns:
+            The scores, the full-match flags and the matching rows.
+        """
+        counts = Counter(self._vocab[t] for t in tokens if t in self._vocab)
+        scores = np.zeros(self.n_items, dtype=np.float32)  # [N]
+        held = np.zeros(self.n_items, dtype=np.uint16)  # [N] distinct tokens held
+        for token_id, count in counts.items():
+            start, end = self._term_starts[token_id], self._term_starts[token_id + 1]
+            rows = self._term_rows[start:end]  # unique within one column
+            scores[rows] += count * self._term_scores[start:end]
+            held[rows] += 1
+        rows = np.flatnonzero(held)
+        if mask is not None:
+            rows = rows[mask[rows]]
+        is_full = held == len(counts) if counts else np.zeros(self.n_items, dtype=bool)
+        return KeywordMatch(scores, is_full, rows)
 
 
 def _text_columns(catalog: pd.DataFrame, config: IndexConfig) -> list[str]:

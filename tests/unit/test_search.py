@@ -36,7 +36,10 @@ from shopml.search.evaluation import (
     queries_from_catalog,
     queries_from_logs,
     recall_at_k,
+    split_queries,
+    tune_fusion,
 )
+from shopml.search.fusion import convex, full_match_first
 from shopml.search.spelling import SpellingCorrector, edit_distance
 from shopml.search.text import mask_pii, normalize, prepare_query, tokenize
 
@@ -369,6 +372,48 @@ def test_large_catalog_uses_hnsw_with_the_same_answers(
     assert {hit.category for hit in filtered.hits} == {"milk"}
 
 
+def test_match_scores_equal_bm25s_and_flag_full_matches(engine: SearchEngine) -> None:
+    index = engine.index
+    for query in ("greek yogurt", "honey greek yogurt", "milk milk chocolate", "zzz"):
+        tokens = tokenize(query)
+        match = index.match(tokens, None)
+        expected = (
+            index.bm25.get_scores(tokens)
+            if any(t in index.bm25.vocab_dict for t in tokens)
+            else np.zeros(index.n_items)
+        )
+        np.testing.assert_allclose(match.scores, expected, rtol=1e-5, atol=1e-6)
+        assert match.rows.tolist() == np.flatnonzero(match.scores > 0).tolist()
+    full = index.match(tokenize("honey greek yogurt"), None).is_full
+    assert [index.item_ids[r] for r in np.flatnonzero(full)] == ["i06"]
+    mask = np.zeros(index.n_items, dtype=bool)
+    mask[:3] = True
+    assert set(index.match(tokenize("greek yogurt"), mask).rows) <= {0, 1, 2}
+
+
+def test_full_match_first_lifts_only_full_matches() -> None:
+    fused = np.array([0.9, 0.2, 0.5, -0.3])
+    lifted = full_match_first(fused, np.array([False, True, False, True]))
+    assert np.argsort(-lifted).tolist() == [1, 3, 0, 2]
+    assert full_match_first(fused, np.zeros(4, dtype=bool)) is fused
+
+
+def test_convex_fusion_normalizes_each_side() -> None:
+    bm25 = np.array([4.0, 2.0, np.nan])
+    cosine = np.array([0.5, 0.9, 0.7])
+    fused = convex(bm25, cosine, np.array([0.9, 0.7, 0.5]), (1.0, 1.0))
+    np.testing.assert_allclose(fused, [1.0 + 0.0, 0.5 + 1.0, 0.0 + 0.5])
+
+
+def test_hybrid_ranks_items_holding_every_word_first(engine: SearchEngine) -> None:
+    hits = engine.search("strawberry greek yogurt").hits
+    full = [
+        set(tokenize("strawberry greek yogurt")) <= set(tokenize(h.title)) for h in hits
+    ]
+    assert full[0] and hits[0].title == "Strawberry Greek Yogurt"
+    assert full == sorted(full, reverse=True)
+
+
 # --- evaluation -----------------------------------------------------------
 
 
@@ -448,6 +493,93 @@ def test_log_queries_use_engagement_after_a_search() -> None:
     queries = queries_from_logs(events)
     assert queries["query"].tolist() == ["greek yogurt"]
     assert list(queries["relevant"].iloc[0]) == ["i04", "i05"]
+
+
+def test_title_queries_identify_their_item(catalog: pd.DataFrame) -> None:
+    queries = queries_from_catalog(catalog, n_items=8, n_categories=0, seed=2)
+    titles = {
+        item_id: set(tokenize(title))
+        for item_id, title in zip(catalog["item_id"], catalog["title"], strict=True)
+    }
+    title_rows = queries[queries["kind"] == "title_keywords"]
+    assert len(title_rows) == 8
+    for query, relevant in zip(
+        title_rows["query"], title_rows["relevant"], strict=True
+    ):
+        holders = {i for i, tokens in titles.items() if set(tokenize(query)) <= tokens}
+        assert holders == {relevant[0]}, query
+
+
+def test_basket_queries_draw_several_categories_per_user(
+    catalog: pd.DataFrame,
+) -> None:
+    ts = pd.Timestamp("2020-01-01", tz="UTC")
+    events = pd.DataFrame(
+        {
+            "user_id": ["u1"] * 5,
+            "item_id": ["i09", "i01", "i03", "i06", "i11"],
+            "event_type": "purchase",
+            "timestamp": [ts + pd.Timedelta(hours=h) for h in range(5)],
+            "session_id": ["o1", "o1", "o2", "o2", "o2"],
+        }
+    )
+    queries = queries_from_baskets(events, catalog, seed=0, per_user=5)
+    relevant = dict(zip(queries["query"], queries["relevant"], strict=True))
+    assert {k: list(v) for k, v in relevant.items()} == {
+        "yogurt": ["i03", "i06"], "electronics": ["i11"],
+    }  # fmt: skip
+
+
+def _groups(part: pd.DataFrame) -> set[str]:
+    """Each query's group: its user (history) or else its relevant item."""
+    return {
+        "|".join(history) if len(history) else relevant[0]
+        for relevant, history in zip(part["relevant"], part["history"], strict=True)
+    }
+
+
+def test_split_queries_keeps_users_and_items_on_one_side() -> None:
+    kinds: list[tuple[str, list[str]]] = [
+        ("title_keywords", []),
+        ("misspelling", []),
+    ] * 20
+    kinds += [("user_category", ["h1"]), ("user_category", ["h2"])] * 5
+    queries = pd.DataFrame(
+        {
+            "query_id": [f"q{i}" for i in range(len(kinds))],
+            "query": [f"query {i}" for i in range(len(kinds))],
+            "kind": [kind for kind, _ in kinds],
+            "relevant": [[f"i{i // 2}"] for i in range(len(kinds))],
+            "history": [history for _, history in kinds],
+        }
+    )
+    validation, test = split_queries(queries)
+
+    assert len(validation) + len(test) == len(queries)
+    assert 0 < len(validation) < len(queries)
+    # A title query and its misspelling (one item), or one user's queries, never
+    # straddle the split.
+    assert not _groups(validation) & _groups(test)
+    again, _ = split_queries(queries)
+    assert again["query_id"].tolist() == validation["query_id"].tolist()
+    with pytest.raises(ValueError, match="validation_share"):
+        split_queries(queries, validation_share=1.0)
+
+
+def test_tune_fusion_returns_the_best_setting(
+    engine: SearchEngine, catalog: pd.DataFrame
+) -> None:
+    queries = queries_from_catalog(catalog, n_items=6, n_categories=3, seed=4)
+    grid = [
+        SearchOptions(k=50, personalize=False, dense_weight=1.0),
+        SearchOptions(k=50, personalize=False, fusion="rrf", rrf_k=60),
+    ]
+    best, table = tune_fusion(engine, queries, grid)
+    assert len(table) == 2 and list(table["fusion"]) == ["convex", "rrf"]
+    total = (table["ndcg_10"] + table["recall_50"]).tolist()
+    assert best == grid[int(np.argmax(total))]
+    with pytest.raises(ValueError, match="grid is empty"):
+        tune_fusion(engine, queries, [])
 
 
 # --- stages ---------------------------------------------------------------
