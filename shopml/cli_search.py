@@ -33,13 +33,12 @@ def index_command(
 ) -> None:
     """Build the BM25 + MiniLM index of a curated catalog."""
     from components.search_index import build_index
-    from shopml.assets import AssetStore
+    from shopml.assets import asset_store_from_settings
     from shopml.config import load_settings
     from shopml.search.index import IndexConfig
-    from shopml.storage import open_store
 
     settings = load_settings()
-    assets = AssetStore(open_store(settings)) if store_asset else None
+    assets = asset_store_from_settings(settings) if store_asset else None
     summary = build_index(
         curated,
         out,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -64,22 +65,43 @@ def print_recommendations(endpoint: str, users: list[str], k: int = 10) -> None:
 
 
 def latest_model_dir(settings: Settings) -> Path:
-    """The newest model: the latest ``recommender`` asset, fetched into ``home/serving``.
+    """The model to serve, fetched into ``home/serving``.
+
+    The live version (``models/recommender/_live``, marked by the deploy stage) when
+    there is one, else the newest version whose evaluation gate passed: a model the
+    gate blocked is never served by default.
 
     Raises:
-        FileNotFoundError: no model was trained yet.
+        FileNotFoundError: no model was trained yet, or none passed the gate.
     """
-    from shopml.assets import AssetStore
-    from shopml.storage import open_store
+    from shopml.assets import LIVE_POINTER, asset_store_from_settings
 
-    assets = AssetStore(open_store(settings))
-    try:
-        version = assets.get("recommender")
-    except KeyError as err:
+    assets = asset_store_from_settings(settings)
+    pointer = f"models/recommender/{LIVE_POINTER}"
+    versions = [v for v in assets.list() if v.name == "recommender"]
+    if not versions:
         raise FileNotFoundError(
             "no trained model in the asset store yet; run `shopml run` first"
-        ) from err
-    folder = settings.home / "serving" / f"recommender-{version.version}"
+        )
+    if assets.store.exists(pointer):
+        chosen = assets.get(
+            "recommender", json.loads(assets.store.get_bytes(pointer))["version"]
+        )
+    else:
+        passed = [v for v in versions if _gate_passed(v.quality)]
+        if not passed:
+            raise FileNotFoundError(
+                f"no recommender version passed the evaluation gate (newest: "
+                f"{versions[-1].ref}); retrain with `shopml run`, or serve a model "
+                "folder explicitly with --model-dir"
+            )
+        chosen = passed[-1]
+    folder = settings.home / "serving" / f"recommender-{chosen.version}"
     if not (folder / "manifest.json").exists():
-        assets.fetch_dir("recommender", version.version, folder)
+        assets.fetch_dir("recommender", chosen.version, folder)
     return folder
+
+
+def _gate_passed(quality: dict[str, Any] | None) -> bool:
+    gate = (quality or {}).get("gate")
+    return isinstance(gate, dict) and gate.get("passed") is True
