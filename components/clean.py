@@ -17,10 +17,16 @@ output; :data:`COLUMN_TRANSFORMS` lists these for lineage.
 
 Catalog and users are small and cleaned here in memory. Events are streamed and
 cleaned in buckets of users as a Dask graph (:mod:`shopml.clean_events`: in-process
-by default, on the cluster at ``SHOPML_DASK_ADDRESS`` when set). Curated events are
-sorted by ``user_id``, ``timestamp``, ``item_id``, ``event_type``, then the other
-columns; quarantined events follow the user buckets, raw order within each. Catalog
-and users are sorted by their id; their quarantine is in raw order.
+by default, on the cluster at ``SHOPML_DASK_ADDRESS`` when set). The bucket and part
+files live under ``work_dir`` (``SHOPML_DASK_WORK_DIR``; a temporary folder when
+unset). On a Dask cluster the workers read and write those files, so the work dir
+must be shared storage: a ReadWriteMany volume (NFS, CephFS, EFS, Filestore)
+mounted at the same path in the stage's pod and in every worker; a node-local
+folder or a ReadWriteOnce volume makes the workers fail on missing files.
+
+Curated events are sorted by ``user_id``, ``timestamp``, ``item_id``, ``event_type``,
+then the other columns; quarantined events follow the user buckets, raw order within
+each. Catalog and users are sorted by their id; their quarantine is in raw order.
 
 ``rows_in == rows_kept + rows_quarantined`` is checked per table before returning.
 The KFP component :func:`clean` wraps the core and adds metrics and an HTML report.
@@ -148,8 +154,9 @@ def clean_tables(
             enforced here: see :func:`shopml.quality.enforce_gates`).
         dask_address: a Dask scheduler that cleans the event buckets; None cleans
             them in-process (the same graph).
-        work_dir: folder for the event buckets (removed afterwards); None uses a
-            temporary folder. A Dask cluster's workers must see it at the same path.
+        work_dir: folder under which this run makes a folder of its own for the
+            event buckets (removed afterwards); None uses the temporary folder. A
+            Dask cluster's workers must see it at the same path (shared storage).
 
     Returns:
         Counts per table, reasons, repairs and the quality checks.
@@ -172,7 +179,10 @@ def clean_tables(
     reports["catalog"] = splitter.split("catalog", catalog, frame, reasons, repairs)
     item_ids = pa.array(frame.loc[reasons.is_ok, "item_id"], pa.string())
 
-    with tempfile.TemporaryDirectory(prefix="shopml-clean-") as tmp:
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    # A folder of this run's own, also inside a shared work dir (runs may overlap).
+    with tempfile.TemporaryDirectory(prefix="shopml-clean-", dir=work_dir) as tmp:
         reports["events"] = clean_events(
             paths["events"],
             item_ids,
@@ -181,7 +191,7 @@ def clean_tables(
             pseudonymizer,
             config=config,
             now=config.now or datetime.now(UTC),
-            work_dir=(work_dir or Path(tmp)) / "events",
+            work_dir=Path(tmp) / "events",
             dask_address=dask_address,
         )
 
@@ -436,7 +446,8 @@ def clean(
     Quality thresholds come from ``SHOPML_QUALITY_THRESHOLDS`` (JSON, e.g.
     ``{"max_nulls": 0.1}``; see :class:`shopml.quality.QualityConfig`); a breached one
     fails the stage after the report, the metrics and ``quality.json`` are written.
-    Event buckets are cleaned on the Dask cluster at ``SHOPML_DASK_ADDRESS`` when set.
+    Event buckets are cleaned on the Dask cluster at ``SHOPML_DASK_ADDRESS`` when set,
+    in bucket files under ``SHOPML_DASK_WORK_DIR`` (shared storage on a cluster).
     """
     from pathlib import Path
 
@@ -460,6 +471,7 @@ def clean(
         load_pseudonymizer(settings),
         quality=quality,
         dask_address=settings.dask_address,
+        work_dir=settings.dask_work_dir,
     )
     checks = result.checks
     for name, value in result.metrics().items():

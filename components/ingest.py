@@ -25,7 +25,6 @@ import pyarrow.parquet as pq
 from kfp import dsl
 
 from components.common import stage_component
-from components.store import put_table_file
 from shopml.assets import AssetStore
 from shopml.clean_events import PARQUET_OPTIONS
 from shopml.datasets import fetch_movielens_100k, iter_table_file
@@ -217,8 +216,7 @@ def register_raw_tables(
         path = raw_dir / f"{kind}.parquet"
         if not path.is_file():
             continue
-        asset = put_table_file(
-            assets,
+        asset = assets.put_table_file(
             RAW_PREFIX + kind,
             "raw",
             path,

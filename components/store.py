@@ -4,24 +4,22 @@ The core, :func:`store_tables`, puts curated ``events``, ``catalog`` and ``users
 zone ``curated`` and the quarantine tables (raw ids, restricted) in zone ``raw`` as
 ``quarantine_<table>``, with column classes from :mod:`shopml.schemas` and owner
 ``shopml-data``. Versions are content hashes, so storing the same tables again writes
-nothing new. Files are never loaded whole: :func:`put_table_file` hashes a Parquet
-file in blocks, reads rows and schema from its footer and uploads it as it is (the
-clean stage writes it deterministically). The KFP component :func:`store` hands the
-curated tables on to later stages with ``versions.json`` naming what was stored.
+nothing new. Files are never loaded whole:
+:meth:`~shopml.assets.AssetStore.put_table_file` hashes a Parquet file in blocks,
+reads rows and schema from its footer and uploads it as it is (the clean stage writes
+it deterministically). The KFP component :func:`store` hands the curated tables on to
+later stages with ``versions.json`` naming what was stored.
 """
 
-import hashlib
 import json
 import logging
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pyarrow.parquet as pq
 from kfp import dsl
 
 from components.common import stage_component
-from shopml.assets import TABLE_FILE, AssetStore, AssetVersion, _describe_schema
+from shopml.assets import AssetStore, AssetVersion
 from shopml.lineage import asset_dataset, parquet_dataset, start_run
 from shopml.schemas import classify_columns
 
@@ -79,8 +77,7 @@ def store_tables(
         quarantine_path = quarantine_dir / f"{kind}.parquet"
         if quarantine_path.is_file():
             names = pq.read_schema(quarantine_path).names
-            stored[quarantine_name] = put_table_file(
-                assets,
+            stored[quarantine_name] = assets.put_table_file(
                 quarantine_name,
                 "raw",
                 quarantine_path,
@@ -92,8 +89,7 @@ def store_tables(
             )
 
         names = pq.read_schema(path).names
-        stored[kind] = put_table_file(
-            assets,
+        stored[kind] = assets.put_table_file(
             kind,
             "curated",
             path,
@@ -110,78 +106,6 @@ def store_tables(
     logger.info("stored %s", ", ".join(v.ref for v in stored.values()))
     run.complete([asset_dataset(v) for v in stored.values()])
     return stored
-
-
-def put_table_file(
-    assets: AssetStore,
-    name: str,
-    zone: str,
-    path: Path,
-    *,
-    owner: str,
-    classification: dict[str, str],
-    producer: str,
-    inputs: list[str],
-    quality: dict[str, Any] | None = None,
-) -> AssetVersion:
-    """Store a Parquet file as a table version without loading it.
-
-    Like :meth:`~shopml.assets.AssetStore.put_table`, but the version is the sha256 of
-    the file as it is (read in 1 MiB blocks), rows and schema come from its footer and
-    the file is uploaded by path; the same file gives the same version.
-
-    Args:
-        assets: the asset store.
-        name: asset name, ``[a-z0-9_-]+``.
-        zone: ``raw``, ``curated``, ``features`` or ``models``.
-        path: the Parquet file.
-        owner: team or person answerable for it.
-        classification: data class of every column.
-        producer: the stage or command writing it.
-        inputs: lineage, ``["name@version", ...]``.
-        quality: checks and counts to record.
-
-    Returns:
-        The version, new or existing.
-
-    Raises:
-        ValueError: bad name or zone, a column without a valid class, or the name is
-            taken in another zone.
-    """
-    # The store's own write path (checks, manifest last, audit); AssetStore has no
-    # public put for files yet, so its helpers are used as put_table uses them.
-    assets._check_target(name, zone)
-    metadata = pq.read_metadata(path)
-    schema = _describe_schema(metadata.schema.to_arrow_schema(), classification)
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    version = digest.hexdigest()[:_VERSION_CHARS]
-    existing = assets._existing(zone, name, version)
-    if existing is not None:
-        return existing
-
-    size = path.stat().st_size
-    asset = AssetVersion(
-        name=name,
-        zone=zone,
-        version=version,
-        created_at=datetime.now(UTC).isoformat(),
-        rows=metadata.num_rows,
-        bytes=size,
-        schema=schema,
-        owner=owner,
-        producer=producer,
-        inputs=list(inputs),
-        quality=quality,
-        files=[{"name": TABLE_FILE, "sha256": digest.hexdigest(), "bytes": size}],
-    )
-    assets.store.put_file(asset.prefix + TABLE_FILE, path)
-    return assets._commit(asset)
-
-
-_VERSION_CHARS = 16
 
 
 def _checks(path: Path) -> dict[str, object]:

@@ -303,6 +303,73 @@ class AssetStore:
             )
         )
 
+    def put_table_file(
+        self,
+        name: str,
+        zone: str,
+        path: Path,
+        *,
+        owner: str,
+        classification: dict[str, str],
+        producer: str,
+        inputs: list[str],
+        quality: dict[str, Any] | None = None,
+    ) -> AssetVersion:
+        """Store a Parquet file as a table version without loading it.
+
+        Like :meth:`put_table`, but the version is the sha256 of the file as it is
+        (read in 1 MiB blocks), rows and schema come from its footer and the file is
+        uploaded by path; the same file gives the same version. Memory stays flat
+        whatever the file's size.
+
+        Args:
+            name: asset name, ``[a-z0-9_-]+``, unique across zones.
+            zone: ``raw``, ``curated``, ``features`` or ``models``.
+            path: the Parquet file.
+            owner: team or person answerable for it.
+            classification: data class of every column.
+            producer: the stage or command writing it.
+            inputs: lineage, ``["name@version", ...]``.
+            quality: checks and counts to record.
+
+        Returns:
+            The version, new or existing.
+
+        Raises:
+            ValueError: bad name or zone, a column without a valid class, or the name
+                is taken in another zone.
+        """
+        self._check_target(name, zone)
+        metadata = pq.read_metadata(path)
+        schema = _describe_schema(metadata.schema.to_arrow_schema(), classification)
+        digest = hashlib.sha256()
+        with Path(path).open("rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+        version = digest.hexdigest()[:_VERSION_CHARS]
+        existing = self._existing(zone, name, version)
+        if existing is not None:
+            return existing
+
+        size = Path(path).stat().st_size
+        asset = AssetVersion(
+            name=name,
+            zone=zone,
+            version=version,
+            created_at=datetime.now(UTC).isoformat(),
+            rows=metadata.num_rows,
+            bytes=size,
+            schema=schema,
+            owner=owner,
+            producer=producer,
+            inputs=list(inputs),
+            quality=quality,
+            files=[{"name": TABLE_FILE, "sha256": digest.hexdigest(), "bytes": size}],
+        )
+        # Data first, manifest last (in _commit): no reader sees a partial version.
+        self.store.put_file(asset.prefix + TABLE_FILE, Path(path))
+        return self._commit(asset)
+
     def get(self, name: str, version: str | None = None) -> AssetVersion:
         """Look up one version of an asset.
 

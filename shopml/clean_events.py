@@ -3,15 +3,18 @@
 Events are never held whole. :func:`clean_events` works in three steps:
 
 1. **Partition** (one streaming pass over the raw Parquet file in record batches):
-   every distinct raw user id of a batch is normalized and pseudonymized once
-   (:meth:`shopml.security.Pseudonymizer.pseudonymize`), and each row goes to the
-   bucket file (Arrow IPC) of its pseudonym. Buckets are *ranges* of the pseudonym
+   every distinct raw user id is normalized and pseudonymized once per run
+   (:meth:`shopml.security.Pseudonymizer.pseudonymize_many`; later batches find it
+   by a hash join on the ids seen), and each row goes to the bucket file (Arrow IPC)
+   of its pseudonym. Buckets are *ranges* of the pseudonym
    (its first 32 bits times ``P``, shifted right by 32), so all events of a user
    share a bucket and the buckets, in order, follow the pseudonym order. ``P`` keeps
    each bucket near ``CleanConfig.rows_per_bucket`` rows.
 2. **Clean** each bucket as one task of a Dask graph (:mod:`shopml.processing`):
    row checks vectorized with pyarrow, then exact duplicates, near duplicates and bot
-   users on integer codes of the columns (:mod:`shopml.quality`); free text is masked
+   users on integer codes of the columns (dense ranks, packed into as few int64
+   sort keys as possible; one sort gives the curated order, the duplicates and the
+   bots' busiest minutes, see :mod:`shopml.quality`); free text is masked
    once per distinct value, and only where a cheap filter finds a digit or an ``@``
    (nothing without one can be a card, email, phone or address). A task writes its
    curated and quarantined rows as IPC parts and returns their counts.
@@ -25,9 +28,11 @@ had when it sorted one whole table. Quarantined events are in bucket order, and 
 raw order (``source_row``) within a bucket. The same input gives byte-identical
 files.
 
-Memory: one record batch in the partition pass, one bucket per running task in the
-clean step, one row group in the merge; none grows with the input (one user's events
-do share a bucket: a single user with tens of millions of events makes a large one).
+Memory: one record batch and the ids pseudonymized so far (at most
+``_CACHE_LIMIT``, then the cache starts afresh) in the partition pass, one bucket per
+running task in the clean step, one row group in the merge; none grows with the
+input beyond that cap (one user's events do share a bucket: a single user with tens
+of millions of events makes a large one).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import compress
 from pathlib import Path
 
 import numpy as np
@@ -54,17 +60,17 @@ from shopml.clean_rules import (
     strip_blank,
     unparsed_mask,
 )
+from shopml.datasets import iter_parquet_batches
 from shopml.pii import mask_values
 from shopml.processing import count_buckets, run_tasks
 from shopml.quality import (
-    count_padded,
     flag_bot_users,
     flag_duplicates,
     flag_near_duplicates,
     sort_rows,
 )
 from shopml.schemas import EVENT_TYPES, TIMESTAMP_TYPE, schema_for
-from shopml.security import Pseudonymizer
+from shopml.security import Pseudonymizer, pseudonym_texts
 
 logger = logging.getLogger(__name__)
 
@@ -234,27 +240,53 @@ def bucket_of(pseudonym: str, n_buckets: int) -> int:
 
 
 class _PseudonymCache:
-    """Raw user id (trimmed) -> (pseudonym, bucket), each computed once."""
+    """Raw user id (trimmed) -> (pseudonym, bucket), each computed once.
+
+    A dict maps every id seen to its position in Arrow/numpy arrays of pseudonyms
+    and buckets, so a batch costs one probe per distinct id of the batch, whatever
+    the number of users seen before (a hash join against all of them would grow
+    with the users). Only ids not seen before are pseudonymized, in bulk
+    (:meth:`~shopml.security.Pseudonymizer.pseudonymize_many`).
+    """
 
     def __init__(self, pseudonymizer: Pseudonymizer, n_buckets: int) -> None:
         self.pseudonymizer = pseudonymizer
         self.n_buckets = n_buckets
-        self.known: dict[str, tuple[str, int]] = {}
+        self._forget()
 
-    def lookup(self, raw_ids: list[str]) -> tuple[pa.Array, np.ndarray]:
-        """Pseudonyms and buckets of distinct raw ids, in their order."""
-        if len(self.known) > _CACHE_LIMIT:
-            self.known.clear()
-        found = []
-        for raw_id in raw_ids:
-            entry = self.known.get(raw_id)
-            if entry is None:
-                pseudonym = self.pseudonymizer.pseudonymize(raw_id)
-                entry = (pseudonym, bucket_of(pseudonym, self.n_buckets))
-                self.known[raw_id] = entry
-            found.append(entry)
-        pseudonyms = pa.array([p for p, _ in found], pa.string())
-        return pseudonyms, np.array([b for _, b in found], dtype=np.int64)
+    def _forget(self) -> None:
+        self.positions: dict[str, int] = {}
+        self.pseudonyms: list[pa.Array] = []
+        self.buckets = np.empty(0, dtype=np.int64)
+
+    def lookup(self, raw_ids: pa.Array) -> tuple[pa.Array, np.ndarray]:
+        """Pseudonyms and buckets of distinct, non-null raw ids, in their order."""
+        if len(self.positions) > _CACHE_LIMIT:
+            self._forget()
+        ids = raw_ids.to_pylist()
+        get = self.positions.get
+        found = np.fromiter((get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+        is_new = found < 0
+        if is_new.any():
+            found[is_new] = self._learn(list(compress(ids, is_new)))
+        # One array of every pseudonym so far; the chunks are joined once per batch.
+        if len(self.pseudonyms) > 1:
+            self.pseudonyms = [pa.concat_arrays(self.pseudonyms)]
+        return self.pseudonyms[0].take(pa.array(found)), self.buckets[found]
+
+    def _learn(self, new_ids: list[str]) -> np.ndarray:
+        """Pseudonymize ids not seen before; returns their positions."""
+        digests = self.pseudonymizer.pseudonymize_many(new_ids)
+        # The bucket is a range of the first 32 bits (see bucket_of).
+        heads = np.frombuffer(b"".join(d[:4] for d in digests), dtype=">u4")
+        buckets = (heads.astype(np.uint64) * np.uint64(self.n_buckets)) >> np.uint64(32)
+        first = len(self.positions)
+        self.positions.update(
+            zip(new_ids, range(first, first + len(new_ids)), strict=True)
+        )
+        self.pseudonyms.append(pa.array(pseudonym_texts(digests), pa.string()))
+        self.buckets = np.concatenate([self.buckets, buckets.astype(np.int64)])
+        return np.arange(first, first + len(new_ids), dtype=np.int64)
 
 
 def partition_events(
@@ -288,7 +320,7 @@ def partition_events(
     with ExitStack() as stack:
         writers = [stack.enter_context(pa.ipc.new_file(str(p), schema)) for p in paths]
         offset = 0
-        for batch in parquet.iter_batches(batch_size=batch_rows):
+        for batch in iter_parquet_batches(parquet, batch_rows):
             table, buckets = _assign_buckets(batch, offset, cache)
             offset += batch.num_rows
             if n_buckets == 1:
@@ -296,7 +328,9 @@ def partition_events(
                 continue
 
             # Group the batch by bucket (stable: raw order within a bucket).
-            order = np.argsort(buckets, kind="stable")
+            # Bucket numbers as int16 when they fit: numpy radix-sorts them.
+            small = np.int16 if n_buckets <= np.iinfo(np.int16).max else np.int64
+            order = np.argsort(buckets.astype(small), kind="stable")
             table = table.take(order)
             ends = np.cumsum(np.bincount(buckets, minlength=n_buckets))
             starts = ends - np.bincount(buckets, minlength=n_buckets)
@@ -312,7 +346,7 @@ def _assign_buckets(
 ) -> tuple[pa.Table, np.ndarray]:
     """The batch with its positions and pseudonyms, and each row's bucket."""
     encoded = pc.dictionary_encode(strip_blank(batch.column("user_id")))
-    pseudonyms, buckets = cache.lookup(encoded.dictionary.to_pylist())
+    pseudonyms, buckets = cache.lookup(encoded.dictionary)
     # Rows with a blank user id go to bucket 0 (they are quarantined there).
     buckets = np.append(buckets, 0)
     indices = pc.fill_null(encoded.indices, len(encoded.dictionary))
@@ -341,13 +375,13 @@ def clean_bucket(bucket_path: str, parts_dir: str, rules: BucketRules) -> Bucket
     """
     raw = _read_ipc(Path(bucket_path))
     items = _read_ipc(Path(rules.items_path)).column("item_id")
-    frame = _event_frame(raw)
+    frame, padded = _event_frame(raw)
     reasons = RowReasons(raw.num_rows)
     repairs = _check_rows(raw, frame, reasons, items, rules)
     codes = {name: rank_codes(frame[name]) for name in _sort_order(frame)}
     order = _check_repeats(frame, codes, reasons, rules.config)
     masked, mask_repairs = mask_free_text(frame)
-    repairs |= mask_repairs | {"whitespace": count_padded(raw)}
+    repairs |= mask_repairs | {"whitespace": padded}
 
     is_bad = ~reasons.is_ok
     bad_rows = np.flatnonzero(is_bad)
@@ -366,18 +400,29 @@ def clean_bucket(bucket_path: str, parts_dir: str, rules: BucketRules) -> Bucket
     )
 
 
-def _event_frame(raw: pa.Table) -> dict[str, pa.Array]:
-    """Data columns as checked: text trimmed (blank -> null), user_id pseudonymized."""
-    frame = {}
+def _event_frame(raw: pa.Table) -> tuple[dict[str, pa.Array], int]:
+    """Data columns as checked: text trimmed (blank -> null), user_id pseudonymized.
+
+    Returns:
+        ``(columns by name, padded)``: ``padded`` counts the text cells that trimming
+        repaired (what :func:`shopml.quality.count_padded` counts), from the same trim.
+    """
+    frame, padded = {}, 0
     for name in raw.column_names:
         if name.startswith("_"):
             continue
         column = raw.column(name).combine_chunks()
-        frame[name] = strip_blank(column) if pa.types.is_string(column.type) else column
+        if pa.types.is_string(column.type):
+            trimmed = pc.utf8_trim_whitespace(column)
+            is_blank = pc.equal(trimmed, "")
+            is_padded = pc.and_not(pc.not_equal(trimmed, column), is_blank)
+            padded += int(pc.sum(is_padded).as_py() or 0)
+            column = pc.if_else(is_blank, pa.scalar(None, pa.string()), trimmed)
+        frame[name] = column
     frame["user_id"] = raw.column(_PSEUDONYM).combine_chunks()
     # Case and whitespace of event types are repaired before the vocabulary check.
     frame["event_type"] = pc.utf8_lower(frame["event_type"])
-    return frame
+    return frame, padded
 
 
 def _check_rows(
@@ -428,10 +473,14 @@ def _check_repeats(
     micros = _micros(frame["timestamp"])
     keys = [codes["user_id"], codes["item_id"], codes["event_type"]]
     window = config.near_duplicate_window_s
-    is_near = flag_near_duplicates(keys, micros, reasons.is_ok, window)
+    is_near = flag_near_duplicates(
+        keys, micros, reasons.is_ok, window, time_codes=codes["timestamp"]
+    )
     reasons.flag(is_near, "near_duplicate")
     per_minute = config.bot_events_per_minute
-    is_bot = flag_bot_users(codes["user_id"], micros, reasons.is_ok, per_minute)
+    is_bot = flag_bot_users(
+        codes["user_id"], micros, reasons.is_ok, per_minute, order=order
+    )
     reasons.flag(is_bot, "bot_user")
     return order
 
@@ -445,26 +494,23 @@ def _micros(timestamps: pa.Array) -> np.ndarray:
 def rank_codes(column: pa.Array) -> np.ndarray:
     """Integer codes that sort like the values: equal values, equal codes.
 
+    Codes are dense ranks (0 for the smallest value), so they stay below the row
+    count whatever the values' range, and several columns pack into one sort key
+    (:func:`shopml.quality.pack_keys`).
+
     Args:
-        column: any sortable array; text compares by its UTF-8 bytes.
+        column: any sortable array; text compares by its UTF-8 bytes, NaN sorts after
+            every number (as in pyarrow).
 
     Returns:
-        int64 codes, non-negative for text and numbers; nulls get a code above every
-        value (they sort last, as in pyarrow).
+        int64 codes in ``[0, distinct values]``; nulls get the top code (they sort
+        last, as in pyarrow).
     """
-    if pa.types.is_timestamp(column.type) or pa.types.is_integer(column.type):
-        values = column.cast(pa.int64())
-        top = (pc.max(values).as_py() or 0) + 1
-        return np.asarray(pc.fill_null(values, top).to_numpy(zero_copy_only=False))
-    if pa.types.is_floating(column.type):
-        numbers = pc.fill_null(column.cast(pa.float64()), np.inf)
-        _, codes = np.unique(
-            numbers.to_numpy(zero_copy_only=False), return_inverse=True
-        )
-        return np.asarray(codes, dtype=np.int64)
+    # Each distinct value is ranked once; rows take their value's rank.
     encoded = pc.dictionary_encode(column)
     ranks = pc.rank(encoded.dictionary, sort_keys="ascending", tiebreaker="dense")
-    ranks = np.append(np.asarray(ranks, dtype=np.int64), len(encoded.dictionary) + 1)
+    ranks = np.asarray(ranks, dtype=np.int64) - 1
+    ranks = np.append(ranks, len(encoded.dictionary))
     indices = pc.fill_null(encoded.indices, len(encoded.dictionary))
     return np.asarray(ranks[indices.to_numpy(zero_copy_only=False)])
 

@@ -57,6 +57,10 @@ class Settings:
         progress: show progress bars (pipeline runs switch them off).
         dask_address: scheduler of a Dask cluster (``tcp://host:8786``) that runs the
             data stages; ``None`` runs the same Dask graph in-process.
+        dask_work_dir: folder for the clean stage's event buckets
+            (``SHOPML_DASK_WORK_DIR``); with a Dask cluster, a shared (ReadWriteMany)
+            volume mounted at this path in the stage's pod and every worker; ``None``
+            uses a temporary folder.
         feast_batch_engine: Feast compute engine that materializes features:
             ``local`` (in-process), ``k8s`` (Kubernetes Jobs, cluster runs) or
             ``ray`` (Feast's Ray engine on ``ray_address``).
@@ -73,6 +77,7 @@ class Settings:
     image: str = DEFAULT_IMAGE
     progress: bool = True
     dask_address: str | None = None
+    dask_work_dir: Path | None = None
     feast_batch_engine: str = "local"
     ray_address: str | None = None
 
@@ -148,6 +153,9 @@ def load_settings() -> Settings:
         image=os.environ.get("SHOPML_IMAGE", DEFAULT_IMAGE),
         progress=_flag("SHOPML_PROGRESS", True),
         dask_address=os.environ.get("SHOPML_DASK_ADDRESS") or None,
+        dask_work_dir=Path(os.environ["SHOPML_DASK_WORK_DIR"])
+        if os.environ.get("SHOPML_DASK_WORK_DIR")
+        else None,
         feast_batch_engine=_batch_engine(),
         ray_address=_ray_address(),
     )

@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import dask
+import dask.local
+import dask.threaded
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +79,10 @@ def run_tasks(
         where = f"cluster {address}"
     else:
         workers = num_workers or os.cpu_count() or 1
-        results = list(dask.compute(*tasks, scheduler=scheduler, num_workers=workers))
+        # The scheduler's function rather than its name: a name makes Dask import
+        # distributed (about a second) to look for a default client.
+        get = dask.threaded.get if scheduler == "threads" else dask.local.get_sync
+        results = list(dask.compute(*tasks, scheduler=get, num_workers=workers))
         where = f"in-process scheduler={scheduler} workers={workers}"
     logger.info(
         "dask tasks=%d func=%s on %s in %.1f s",

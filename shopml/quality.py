@@ -234,10 +234,29 @@ def sort_rows(keys: Sequence[np.ndarray], rows: np.ndarray | None = None) -> np.
         words = pack_keys([key[rows] for key in keys])
     if not words or len(rows) < 2:
         return rows
-    if len(words) == 1:
-        return rows[np.argsort(words[0], kind="stable")]
+    order = np.argsort(words[0], kind="stable")
+    if len(words) > 1:
+        order = _break_ties(words, order)
+    return rows[order]
+
+
+def _break_ties(words: Sequence[np.ndarray], order: np.ndarray) -> np.ndarray:
+    """Refine ``order`` (sorted by the first word) by the other words, where it ties.
+
+    Rows are rarely equal in the leading columns, so only the runs of equal first
+    words are sorted again, by every word; the rest stays as it is.
+    """
+    lead = words[0][order]
+    tied = np.flatnonzero(lead[1:] == lead[:-1])
+    if not len(tied):
+        return order
+    in_run = np.zeros(len(order), dtype=bool)
+    in_run[tied] = in_run[tied + 1] = True
+    spots = np.flatnonzero(in_run)
+    runs = order[spots]
     # np.lexsort's last key leads; it is stable, so ties keep row order.
-    return rows[np.lexsort(words[::-1])]
+    order[spots] = runs[np.lexsort([word[runs] for word in words[::-1]])]
+    return order
 
 
 def _same_as_previous(keys: Sequence[np.ndarray], order: np.ndarray) -> np.ndarray:
@@ -280,6 +299,8 @@ def flag_near_duplicates(
     timestamps_us: np.ndarray,
     is_ok: np.ndarray,
     window_s: float,
+    *,
+    time_codes: np.ndarray | None = None,
 ) -> np.ndarray:
     """Rows repeating an earlier event of the same key within a window.
 
@@ -288,6 +309,9 @@ def flag_near_duplicates(
         timestamps_us: microseconds since 1970 (int64).
         is_ok: rows still in play (earlier checks passed); only they are compared.
         window_s: seconds within which a repeat counts as a near duplicate.
+        time_codes: integer codes that sort like ``timestamps_us`` (dense ranks, see
+            :func:`shopml.clean_events.rank_codes`); their small range lets the sort
+            use one key. None sorts by ``timestamps_us``.
 
     Returns:
         A boolean array over the rows. Each row is compared with the previous event
@@ -297,7 +321,8 @@ def flag_near_duplicates(
     rows = np.flatnonzero(is_ok)
     if window_s <= 0 or len(rows) < 2:
         return flagged
-    order = sort_rows([*keys, timestamps_us], rows)
+    times = timestamps_us if time_codes is None else time_codes
+    order = sort_rows([*keys, times], rows)
 
     # A near duplicate has the previous row's key and lies close to it in time.
     same = _same_as_previous(keys, order)
@@ -307,7 +332,12 @@ def flag_near_duplicates(
 
 
 def flag_bot_users(
-    users: np.ndarray, timestamps_us: np.ndarray, is_ok: np.ndarray, per_minute: int
+    users: np.ndarray,
+    timestamps_us: np.ndarray,
+    is_ok: np.ndarray,
+    per_minute: int,
+    *,
+    order: np.ndarray | None = None,
 ) -> np.ndarray:
     """Events of users whose busiest minute has more than ``per_minute`` events.
 
@@ -316,22 +346,31 @@ def flag_bot_users(
         timestamps_us: microseconds since 1970 (int64).
         is_ok: rows still in play; only they are counted and flagged.
         per_minute: the most events a person makes in one minute; 0 turns it off.
+        order: every row sorted by user, then time (the curated order), when the
+            caller has it: the minutes are then counted in one pass, without a sort.
 
     Returns:
         A boolean array over the rows.
     """
     flagged = np.zeros(len(is_ok), dtype=bool)
-    rows = np.flatnonzero(is_ok)
+    rows = np.flatnonzero(is_ok) if order is None else order[is_ok[order]]
     if per_minute <= 0 or not len(rows):
         return flagged
     minutes = np.floor_divide(timestamps_us[rows], 60_000_000)
-    minutes -= minutes.min()
     user = users[rows].astype(np.int64)
-    # One slot per (user, minute); users x minutes since 1990 stay far below 2**63.
-    span = int(minutes.max()) + 1
-    slots, counts = np.unique(user * span + minutes, return_counts=True)
-    busy_users = np.unique(slots[counts > per_minute] // span)
-    flagged[rows] = np.isin(user, busy_users)
+    if order is None:
+        rows_sorted = np.lexsort((minutes, user))
+        user, minutes = user[rows_sorted], minutes[rows_sorted]
+
+    # Runs of one (user, minute) are consecutive: their lengths are the counts.
+    starts = np.flatnonzero(
+        np.concatenate(
+            ([True], (user[1:] != user[:-1]) | (minutes[1:] != minutes[:-1]))
+        )
+    )
+    counts = np.diff(np.append(starts, len(user)))
+    busy_users = np.unique(user[starts[counts > per_minute]])
+    flagged[rows] = np.isin(users[rows], busy_users)
     return flagged
 
 

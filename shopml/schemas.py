@@ -244,7 +244,8 @@ def coerce_table(table: pa.Table, kind: str) -> pa.Table:
 
 def _as_array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
     if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
+        # One chunk (a Parquet batch) is used as it is; combining would copy it.
+        column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     if pa.types.is_dictionary(column.type):
         column = column.dictionary_decode()
     return column
@@ -333,10 +334,7 @@ def parse_timestamps(values: pa.Array) -> tuple[pa.Array, pa.Array]:
         values = values.cast(pa.timestamp("us", tz=values.type.tz), safe=False)
         return values.cast(TIMESTAMP_TYPE), no_text
     if pa.types.is_integer(values.type) or pa.types.is_floating(values.type):
-        numbers = values.to_numpy(zero_copy_only=False).astype("float64")
-        instants = _micros_to_timestamps(epoch_to_micros(numbers))
-        is_bad = pc.and_(pc.is_valid(values), pc.is_null(instants))
-        return instants, pc.if_else(is_bad, pc.cast(values, pa.string()), no_text)
+        return _parse_epoch_numbers(values)
 
     text = _blank_to_null(values)
     stripped = text.str.strip()
@@ -358,6 +356,29 @@ def parse_timestamps(values: pa.Array) -> tuple[pa.Array, pa.Array]:
     instants = _micros_to_timestamps(micros)
     is_bad = text.notna().to_numpy() & pd.isna(micros)
     return instants, pa.array(text.where(is_bad, None), pa.string(), from_pandas=True)
+
+
+def _parse_epoch_numbers(values: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """:func:`parse_timestamps` of a numeric column, in numpy without pandas.
+
+    The original text is built only for the rows that could not be read (NaN,
+    infinite or out of range), usually none.
+    """
+    # Nulls become NaN (missing); integers become floats as the text branch reads them.
+    array = values.to_numpy(zero_copy_only=False).astype(np.float64)
+    scale = np.where(np.abs(array) > EPOCH_MS_THRESHOLD, 1e3, 1e6)
+    with np.errstate(invalid="ignore", over="ignore"):
+        micros = np.round(array * scale)
+    is_usable = np.isfinite(micros) & (np.abs(micros) < _MAX_ABS_MICROS)
+    whole = np.where(is_usable, micros, 0).astype(np.int64)
+    instants = pa.array(whole, pa.int64(), mask=~is_usable).cast(TIMESTAMP_TYPE)
+
+    no_text = pa.nulls(len(values), pa.string())
+    is_bad = ~is_usable & np.asarray(values.is_valid().to_numpy(zero_copy_only=False))
+    if not is_bad.any():
+        return instants, no_text
+    texts = pc.cast(values.filter(pa.array(is_bad)), pa.string())
+    return instants, pc.replace_with_mask(no_text, pa.array(is_bad), texts)
 
 
 def iso_to_micros(text: str) -> int | None:

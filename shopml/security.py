@@ -19,6 +19,7 @@ import hmac
 import io
 import logging
 import os
+import re
 import secrets
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,6 +37,22 @@ logger = logging.getLogger(__name__)
 
 PSEUDONYM_PREFIX = "u_"
 _PSEUDONYM_HEX_CHARS = 32
+_PSEUDONYM_BYTES = _PSEUDONYM_HEX_CHARS // 2
+# Ids that normalization leaves as they are: no "@", no whitespace, and either a letter
+# (a phone number has none) or digits only (a bare digit run stays an opaque id).
+_OPAQUE_ID = re.compile(r"[A-Za-z0-9_-]*[A-Za-z_][A-Za-z0-9_-]*|[0-9]+")
+
+
+def pseudonym_texts(digests: Sequence[bytes]) -> list[str]:
+    """Pseudonyms (``u_`` + hex) of digests from :meth:`Pseudonymizer.pseudonymize_many`.
+
+    Args:
+        digests: 16-byte digests.
+
+    Returns:
+        The pseudonyms, in order.
+    """
+    return [PSEUDONYM_PREFIX + digest.hex() for digest in digests]
 
 
 @dataclass(frozen=True)
@@ -97,9 +114,39 @@ class Pseudonymizer:
             )
         return "s_" + self._digest(b"shopml-subject-ref:", normalized)[:16]
 
+    def pseudonymize_many(self, user_ids: Sequence[str]) -> list[bytes]:
+        """Digests of many raw identifiers at once (the bulk path of the clean stage).
+
+        Equal to ``pseudonymize`` per identifier, at a fraction of the cost: an id made
+        only of ASCII letters, digits, ``_`` and ``-`` (with a letter, or only digits)
+        is neither an email nor a phone number, so it skips normalization.
+
+        Args:
+            user_ids: raw identifiers, trimmed and non-blank.
+
+        Returns:
+            The 16 digest bytes of each pseudonym, in order; the pseudonym is ``u_``
+            followed by their hex (see :func:`pseudonym_texts`).
+
+        Raises:
+            ValueError: an identifier is empty or blank.
+        """
+        key, opaque = self.key, _OPAQUE_ID.fullmatch
+        digests = []
+        for user_id in user_ids:
+            normalized = user_id if opaque(user_id) else normalize_identifier(user_id)
+            if not normalized:
+                raise ValueError(
+                    f"user_id is empty (got {len(user_id)} blank characters); a "
+                    "pseudonym needs a non-empty identifier"
+                )
+            digest = hmac.digest(key, normalized.encode("utf-8"), "sha256")
+            digests.append(digest[:_PSEUDONYM_BYTES])
+        return digests
+
     def _digest(self, label: bytes, normalized: str) -> str:
-        message = label + normalized.encode("utf-8")
-        return hmac.new(self.key, message, hashlib.sha256).hexdigest()
+        # hmac.digest runs in C (OpenSSL): a few times faster than hmac.new.
+        return hmac.digest(self.key, label + normalized.encode("utf-8"), "sha256").hex()
 
     def is_pseudonym(self, value: str) -> bool:
         """Tell whether ``value`` has the shape of a pseudonym."""

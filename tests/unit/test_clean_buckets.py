@@ -13,7 +13,7 @@ import pytest
 from components.clean import CleanConfig, CleanResult, clean_tables
 from components.ingest import ingest_sources
 from shopml.clean_events import bucket_of, partition_events, rank_codes
-from shopml.quality import flag_duplicates, pack_keys, sort_rows
+from shopml.quality import flag_bot_users, flag_duplicates, pack_keys, sort_rows
 from shopml.security import Pseudonymizer
 from shopml.synth import CATALOG_FAULTS, EVENT_FAULTS, SynthConfig, write_synthetic
 
@@ -191,3 +191,23 @@ def test_duplicates_keep_the_first_row_still_in_play() -> None:
     keys = [np.array([1, 1, 2, 1, 2]), np.array([7, 7, 7, 7, 8])]
     is_ok = np.array([False, True, True, True, True])
     assert flag_duplicates(keys, is_ok).tolist() == [False, False, False, True, False]
+
+
+def test_sorted_rows_break_ties_on_later_keys_in_row_order() -> None:
+    lead = np.array([3, 1, 3, 1, 3, 2])
+    later = np.array([9, 5, 1, 5, 1, 0])
+    keys = [lead, later * 2**59, later]
+    assert len(pack_keys(keys)) == 3  # no two fit one int64: ties are broken apart
+    assert sort_rows(keys).tolist() == [1, 3, 5, 2, 4, 0]
+
+
+def test_bot_users_from_the_curated_order_equal_a_fresh_count() -> None:
+    rng = np.random.default_rng(5)
+    users = rng.integers(0, 300, 50_000)
+    micros = rng.integers(0, 3_600 * 10**6, 50_000)
+    micros[users == 7] //= 100_000  # user 7 packs an hour into 36 ms
+    is_ok = rng.random(50_000) < 0.95
+    fresh = flag_bot_users(users, micros, is_ok, 60)
+    ordered = flag_bot_users(users, micros, is_ok, 60, order=sort_rows([users, micros]))
+    assert np.array_equal(fresh, ordered)
+    assert set(users[fresh]) == {7} and not fresh[~is_ok].any()

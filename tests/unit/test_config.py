@@ -94,3 +94,13 @@ def test_ray_address_must_be_a_ray_client_address(
     monkeypatch.setenv("SHOPML_RAY_ADDRESS", address)
     with pytest.raises(ValueError, match=re.escape(f"SHOPML_RAY_ADDRESS={address!r}")):
         load_settings()
+
+
+def test_dask_work_dir_is_a_shared_path_or_none(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert load_settings().dask_work_dir is None
+    monkeypatch.setenv("SHOPML_DASK_WORK_DIR", str(tmp_path / "shared" / "dask"))
+    assert load_settings().dask_work_dir == tmp_path / "shared" / "dask"
+    monkeypatch.setenv("SHOPML_DASK_WORK_DIR", "")
+    assert load_settings().dask_work_dir is None

@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from shopml.config import load_settings
-from shopml.security import Pseudonymizer, load_pseudonymizer
+from shopml.security import Pseudonymizer, load_pseudonymizer, pseudonym_texts
 
 
 def test_same_id_same_key_same_pseudonym() -> None:
@@ -27,6 +27,26 @@ def test_different_keys_give_different_pseudonyms() -> None:
 def test_empty_id_is_rejected() -> None:
     with pytest.raises(ValueError, match="user_id is empty"):
         Pseudonymizer(b"k").pseudonymize("")
+
+
+def test_bulk_pseudonyms_equal_one_by_one_in_every_notation() -> None:
+    pseudo = Pseudonymizer(b"key-one")
+    ids = [
+        "u17",  # opaque ids skip normalization
+        "196",
+        "abc-DEF_9",
+        "Jane.Doe@Example.COM",  # emails are case-folded
+        "+1 (415) 555-2671",  # phones become E.164
+        "(415) 555-2671",
+        "tel:+14155552671",
+        "x y",
+        "\u0663\u0664\u0665\u0666\u0667\u0668\u0669",  # non-ASCII digits
+    ]
+    bulk = pseudonym_texts(pseudo.pseudonymize_many(ids))
+    assert bulk == [pseudo.pseudonymize(i) for i in ids]
+    assert bulk[4] == bulk[5] == bulk[6]  # one person, one pseudonym
+    with pytest.raises(ValueError, match="user_id is empty"):
+        pseudo.pseudonymize_many(["u1", "   "])
 
 
 def test_local_key_is_created_once_and_private() -> None:
