@@ -36,8 +36,8 @@ Run both models in one server (what ``serving.__main__`` is expected to do)::
     python -m serving.search --model-dir DIR --index-dir DIR [--http-port 8080]
         [--host 127.0.0.1] [--no-feature-store]
 
-Queries are logged only at DEBUG and only after :func:`~shopml.search.text.mask_pii`;
-raw user ids are never logged.
+Queries are logged only at DEBUG and only after :func:`shopml.pii.mask_text`, and are
+answered back masked the same way; raw user ids are never logged.
 """
 
 from __future__ import annotations
@@ -62,8 +62,14 @@ from kserve.protocol.infer_type import (
     InferResponse,
 )
 
-from serving.recommender import RecommenderModel, parse_k
+from serving.recommender import (
+    RecommenderModel,
+    parse_k,
+    shown_datatype,
+    shown_names,
+)
 from shopml.features import OnlineFeatureClient
+from shopml.pii import mask_text
 from shopml.search.encoder import TextEncoder
 from shopml.search.engine import (
     MODES,
@@ -74,7 +80,6 @@ from shopml.search.engine import (
 )
 from shopml.search.index import SearchIndexError, load_search_index
 from shopml.search.personal import SASRecPersonalizer
-from shopml.search.text import mask_pii
 from shopml.security import Pseudonymizer
 
 logger = logging.getLogger(__name__)
@@ -139,7 +144,9 @@ def _price(value: Any, name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
-        raise InvalidInput(f"{name}={value!r} must be a number (a price) or null")
+        raise InvalidInput(
+            f"{name} must be a number (a price) or null, got {type(value).__name__}"
+        )
     if math.isnan(float(value)):
         return None
     return float(value)
@@ -170,7 +177,7 @@ def _parse_row(row: int, instance: Any) -> SearchQuery:
         raise InvalidInput(
             f"{where} must be an object with a query, got {type(instance).__name__}"
         )
-    unknown = sorted(set(instance) - set(ROW_FIELDS))
+    unknown = shown_names(set(instance) - set(ROW_FIELDS))
     if unknown:
         raise InvalidInput(
             f"{where} has unknown field(s) {unknown}; accepted: {ROW_FIELDS}"
@@ -192,7 +199,7 @@ def _parse_row(row: int, instance: Any) -> SearchQuery:
         raise InvalidInput(f"{where} has both user_id and item_ids; send one of them")
     mode = instance.get("mode", "hybrid")
     if mode not in MODES:
-        raise InvalidInput(f"{where}.mode={mode!r} is not one of {list(MODES)}")
+        raise InvalidInput(f"{where}.mode is not one of {list(MODES)}")
     personalize = instance.get("personalize", True)
     if not isinstance(personalize, bool):
         raise InvalidInput(f"{where}.personalize must be true or false")
@@ -219,7 +226,7 @@ def parse_v1_search(body: Any) -> list[SearchQuery]:
         InvalidInput: the body is not an object with a non-empty list of valid rows.
     """
     if not isinstance(body, dict) or "instances" not in body:
-        shown = sorted(body) if isinstance(body, dict) else type(body).__name__
+        shown = shown_names(body) if isinstance(body, dict) else type(body).__name__
         raise InvalidInput(
             f"the v1 body must be an object with 'instances', got {shown}; "
             'send {"instances": [{"query": "..."}]}'
@@ -238,7 +245,8 @@ def _v2_column(infer_input: InferInput | None, n_rows: int, kind: str) -> list[A
     allowed = {"BYTES"} if kind == "str" else _FLOAT_DATATYPES
     if infer_input.datatype not in allowed:
         raise InvalidInput(
-            f"input '{name}' has datatype {infer_input.datatype}; use {sorted(allowed)}"
+            f"input '{name}' has datatype {shown_datatype(infer_input.datatype)}; "
+            f"use {sorted(allowed)}"
         )
     try:
         values = infer_input.as_numpy().reshape(-1).tolist()
@@ -260,7 +268,7 @@ def parse_v2_search(request: InferRequest) -> list[SearchQuery]:
         InvalidInput: unknown or missing inputs, wrong datatypes or shapes.
     """
     inputs = {i.name: i for i in request.inputs}
-    unknown = sorted(set(inputs) - set(V2_INPUTS))
+    unknown = shown_names(set(inputs) - set(V2_INPUTS))
     if unknown:
         raise InvalidInput(f"unknown input(s) {unknown}; accepted inputs: {V2_INPUTS}")
     if "query" not in inputs:
@@ -416,7 +424,7 @@ class SearchModel(Model):
                 "model=%s request_id=%s query=%r hits=%d",
                 self.name,
                 payload.request_id,
-                mask_pii(row.query),
+                mask_text(row.query),
                 len(responses[-1].hits),
             )
         return SearchResult(payload, responses)
@@ -468,7 +476,9 @@ class SearchModel(Model):
             for col, hit in enumerate(response.hits):
                 item_ids[row, col], titles[row, col] = hit.item_id, hit.title
                 scores[row, col] = hit.score
-        corrected = np.array([r.corrected_query or "" for r in responses], dtype=object)
+        corrected = np.array(
+            [mask_text(r.corrected_query or "") for r in responses], dtype=object
+        )
         fallback = np.array([r.fallback or "" for r in responses], dtype=object)
         truncated = np.array([r.truncated for r in responses], dtype=bool)
         outputs = [
@@ -493,8 +503,11 @@ def _v1_prediction(response: SearchResponse) -> dict[str, Any]:
         "scores": [hit.score for hit in response.hits],
         "categories": [hit.category for hit in response.hits],
         "prices": [hit.price for hit in response.hits],
-        "query": response.query,
-        "corrected_query": response.corrected_query,
+        # The query comes back masked: a response may be logged or cached downstream.
+        "query": mask_text(response.query),
+        "corrected_query": (
+            mask_text(response.corrected_query) if response.corrected_query else None
+        ),
         "truncated": response.truncated,
         "notes": response.notes,
         "fallback": response.fallback,
