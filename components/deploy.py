@@ -17,10 +17,19 @@ rollback: ``traffic_patch``, used by :mod:`shopml.canary`) is computed from the 
 object alone; repeating a step changes nothing. ``deploy_model`` picks the target;
 ``deploy`` below is the thin KFP component around it.
 
-The module runs past 500 lines because the local server and the cluster rollout are the
-two halves of one stage and share its result type.
+The ``search`` InferenceService (runtime ``shopml-search``: ``python -m serving.search``
+serves ``search`` and ``recommender`` in one process) reads a *search bundle*:
+``publish_search_bundle`` copies the recommender version being deployed into
+``serving/search/<bundle>/model/`` and the latest ``search-index`` asset into
+``.../index/``, ``<bundle>`` being a hash of both refs, so publishing the same pair
+twice writes nothing. ``deploy_search`` publishes it and rolls it out with the same
+canary logic as the recommender; both rollouts are recorded in the audit log.
+
+The module runs past 500 lines because the local server, the cluster rollout and the
+search bundle are the parts of one stage and share its result type.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -28,9 +37,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +48,7 @@ import httpx
 from kfp import dsl
 
 from components.common import stage_component
+from shopml.assets import AssetStore, AssetVersion
 from shopml.config import load_settings
 
 logger = logging.getLogger(__name__)
@@ -333,6 +344,12 @@ class ClusterTarget:
         model_format_version: its version.
         service_account: the predictor's service account (S3 credentials).
         canary_percent: traffic share, 1..99, that a new model version gets first.
+        cpu_request: CPU request of the model container when this module creates the
+            InferenceService (as in manifests/base/serving); patches leave the
+            resources an overlay set untouched.
+        memory_request: its memory request.
+        cpu_limit: its CPU limit.
+        memory_limit: its memory limit.
     """
 
     name: str = "recommender"
@@ -342,6 +359,10 @@ class ClusterTarget:
     model_format_version: str = "1"
     service_account: str = "shopml-predictor"
     canary_percent: int = 10
+    cpu_request: str = "500m"
+    memory_request: str = "1Gi"
+    cpu_limit: str = "2"
+    memory_limit: str = "2Gi"
 
     def __post_init__(self) -> None:
         if not 1 <= self.canary_percent <= 99:
@@ -383,9 +404,16 @@ def _serialize(obj: Any) -> dict[str, Any]:
     return dict(ApiClient().sanitize_for_serialization(obj))
 
 
-def _model_spec(target: ClusterTarget, storage_uri: str) -> Any:
+def _model_spec(
+    target: ClusterTarget, storage_uri: str, with_resources: bool = False
+) -> Any:
     from kserve import V1beta1ModelFormat, V1beta1ModelSpec
+    from kubernetes.client import V1ResourceRequirements
 
+    resources = V1ResourceRequirements(
+        requests={"cpu": target.cpu_request, "memory": target.memory_request},
+        limits={"cpu": target.cpu_limit, "memory": target.memory_limit},
+    )
     return V1beta1ModelSpec(
         name=_MODEL_CONTAINER,
         runtime=target.runtime,
@@ -393,6 +421,7 @@ def _model_spec(target: ClusterTarget, storage_uri: str) -> Any:
             name=target.model_format, version=target.model_format_version
         ),
         storage_uri=storage_uri,
+        resources=resources if with_resources else None,
     )
 
 
@@ -432,7 +461,7 @@ def build_inference_service(target: ClusterTarget, storage_uri: str) -> dict[str
         spec=V1beta1InferenceServiceSpec(
             predictor=V1beta1PredictorSpec(
                 service_account_name=target.service_account,
-                model=_model_spec(target, storage_uri),
+                model=_model_spec(target, storage_uri, with_resources=True),
             )
         ),
     )
@@ -670,6 +699,205 @@ def wait_for_ready(
     )
 
 
+# --- the search InferenceService and its bundle ---------------------------------------
+
+SEARCH_INDEX_ASSET = "search-index"
+SEARCH_BUNDLE_PREFIX = "serving/search"
+BUNDLE_MODEL_DIR = "model"
+BUNDLE_INDEX_DIR = "index"
+BUNDLE_RECORD = "bundle.json"
+_BUNDLE_CHARS = 16
+
+
+def search_target(canary_percent: int = 10, namespace: str = "shopml") -> ClusterTarget:
+    """The ``search`` InferenceService (manifests/base/serving) as a rollout target."""
+    return ClusterTarget(
+        name="search",
+        namespace=namespace,
+        runtime="shopml-search",
+        model_format="shopml-search",
+        canary_percent=canary_percent,
+    )
+
+
+@dataclass(frozen=True)
+class SearchBundle:
+    """A search bundle in the object store: what the ``search`` predictor downloads.
+
+    Attributes:
+        version: 16 hex characters of the sha256 of ``model_ref`` and ``index_ref``.
+        model_ref: the recommender, ``recommender@<version>`` (folder ``model/``).
+        index_ref: the search index, ``search-index@<version>`` (folder ``index/``).
+        published: whether this call wrote it (``False``: it was already there).
+    """
+
+    version: str
+    model_ref: str
+    index_ref: str
+    published: bool
+
+    @property
+    def prefix(self) -> str:
+        """Key prefix of the bundle, ``serving/search/<version>`` (no trailing ``/``)."""
+        return f"{SEARCH_BUNDLE_PREFIX}/{self.version}"
+
+    @property
+    def ref(self) -> str:
+        """``search-bundle@<version>``, the name the audit log records."""
+        return f"search-bundle@{self.version}"
+
+
+def bundle_version(model_ref: str, index_ref: str) -> str:
+    """The bundle version of a recommender ref and a search index ref."""
+    digest = hashlib.sha256(f"{model_ref}\0{index_ref}".encode())
+    return digest.hexdigest()[:_BUNDLE_CHARS]
+
+
+def _models_asset(assets: AssetStore, name: str, version: str | None) -> AssetVersion:
+    """A version of a ``models``-zone asset; a clear error when there is none."""
+    try:
+        asset = assets.get(name, version)
+    except KeyError as err:
+        raise KeyError(
+            f"the search bundle needs asset {name!r}"
+            f"{'@' + version if version else ''}: {err.args[0]}; run the stage that "
+            "stores it (train, search_index) first, or deploy without search"
+        ) from err
+    if asset.zone != "models":
+        raise ValueError(f"asset {asset.ref} is in zone {asset.zone!r}, not 'models'")
+    return asset
+
+
+def publish_search_bundle(
+    assets: AssetStore, model_ref: str, index_version: str | None = None
+) -> SearchBundle:
+    """Copy a recommender version and a search index into one search bundle.
+
+    Files are read through the asset store (each checked against its manifest and the
+    read audited) and written under ``serving/search/<bundle>/model/`` and
+    ``.../index/``; ``bundle.json`` (both refs) is written last, so a bundle exists
+    once its record does, and an existing bundle is not written again.
+
+    Args:
+        assets: the asset store.
+        model_ref: the recommender, ``recommender@<version>``.
+        index_version: the ``search-index`` version; ``None`` takes the latest.
+
+    Returns:
+        The bundle.
+
+    Raises:
+        ValueError: ``model_ref`` is not ``name@version``, or an asset is not a model.
+        KeyError: the recommender version or the search index does not exist.
+    """
+    if "@" not in model_ref:
+        raise ValueError(f"model_ref={model_ref!r} must be a ref, name@version")
+    name, version = model_ref.split("@", 1)
+    model = _models_asset(assets, name, version)
+    index = _models_asset(assets, SEARCH_INDEX_ASSET, index_version)
+    bundle = SearchBundle(
+        bundle_version(model.ref, index.ref), model.ref, index.ref, True
+    )
+    if assets.store.exists(f"{bundle.prefix}/{BUNDLE_RECORD}"):
+        logger.info("search bundle=%s unchanged; nothing written", bundle.version)
+        _audit(assets, "deploy.bundle", bundle.ref, "unchanged")
+        return replace(bundle, published=False)
+
+    with tempfile.TemporaryDirectory(prefix="shopml-bundle-") as tmp:
+        for folder, asset in ((BUNDLE_MODEL_DIR, model), (BUNDLE_INDEX_DIR, index)):
+            local = Path(tmp) / folder
+            assets.fetch_dir(asset.name, asset.version, local)
+            for entry in asset.files:
+                key = f"{bundle.prefix}/{folder}/{entry['name']}"
+                assets.store.put_file(key, local / entry["name"])
+    record = {"model": model.ref, "index": index.ref, "version": bundle.version}
+    assets.store.put_bytes(
+        f"{bundle.prefix}/{BUNDLE_RECORD}", json.dumps(record, indent=2).encode()
+    )
+    n_files = len(model.files) + len(index.files)
+    logger.info(
+        "search bundle=%s published model=%s index=%s files=%d",
+        bundle.version, model.ref, index.ref, n_files,
+    )  # fmt: skip
+    _audit(
+        assets, "deploy.bundle", bundle.ref, "success",
+        model=model.ref, index=index.ref, files=n_files,
+    )  # fmt: skip
+    return bundle
+
+
+def _audit(
+    assets: AssetStore, action: str, subject: str, outcome: str, **details: Any
+) -> None:
+    if assets.audit is not None:
+        assets.audit.record(None, action, subject, outcome, **details)
+
+
+def _audit_rollout(
+    assets: AssetStore, subject: str, target: ClusterTarget, plan: RolloutPlan
+) -> None:
+    """Record a rollout (``deploy.rollout``) as the recommender and search both do."""
+    _audit(
+        assets,
+        "deploy.rollout",
+        subject,
+        "unchanged" if plan.action == "unchanged" else "success",
+        inferenceservice=f"{target.namespace}/{target.name}",
+        rollout=plan.action,
+        stable_uri=plan.stable_uri,
+        canary_uri=plan.canary_uri,
+    )
+
+
+def deploy_search(
+    model_asset: str,
+    *,
+    cluster: ClusterTarget | None = None,
+    api: Any = None,
+    assets: AssetStore | None = None,
+    index_version: str | None = None,
+) -> tuple[SearchBundle, RolloutPlan]:
+    """Publish the search bundle and roll it out to the ``search`` InferenceService.
+
+    The bundle goes out with the recommender's canary logic (``deploy_kserve``): the
+    first one takes all traffic, a new one gets ``cluster.canary_percent``; promote or
+    roll back with ``shopml canary analyze --name search``. The search index version
+    used is marked live, like the recommender, so retention keeps it.
+
+    Args:
+        model_asset: the recommender being deployed, ``recommender@<version>``.
+        cluster: the InferenceService; default :func:`search_target`.
+        api: a ``kubernetes.client.CustomObjectsApi``; default ``kubernetes_api()``.
+        assets: the asset store; default the one the settings describe (audited).
+        index_version: the ``search-index`` version; ``None`` takes the latest.
+
+    Returns:
+        The bundle and the rollout plan applied.
+
+    Raises:
+        ValueError: no S3 object store is configured (the cluster reads the bundle
+            there), or a bad ``model_asset``.
+        KeyError: the recommender version or the search index does not exist.
+    """
+    from shopml.assets import asset_store_from_settings, mark_live
+
+    settings = load_settings()
+    if settings.s3 is None:
+        raise ValueError(
+            "the search bundle is served from the object store: set SHOPML_S3_ENDPOINT "
+            "(MinIO) so the cluster can download it"
+        )
+    assets = assets or asset_store_from_settings(settings)
+    cluster = cluster or search_target()
+
+    bundle = publish_search_bundle(assets, model_asset, index_version)
+    storage_uri = f"s3://{settings.s3.bucket}/{bundle.prefix}"
+    plan = deploy_kserve(storage_uri, cluster, api=api)
+    _audit_rollout(assets, bundle.ref, cluster, plan)
+    mark_live(assets, SEARCH_INDEX_ASSET, bundle.index_ref.split("@", 1)[1])
+    return bundle, plan
+
+
 def deploy_model(
     model_dir: Path,
     target: str = "local",
@@ -680,6 +908,7 @@ def deploy_model(
     model_asset: str = "",
     cluster: ClusterTarget | None = None,
     api: Any = None,
+    search: bool = False,
 ) -> str:
     """Deploy a model artifact to a target and return its v1 model URL.
 
@@ -698,23 +927,27 @@ def deploy_model(
             ``ClusterTarget(name=name)``.
         api: ``kserve`` only: a ``kubernetes.client.CustomObjectsApi``; default
             from the kubeconfig or the pod's service account.
+        search: ``kserve`` only: also publish the search bundle of ``model_asset``
+            and the latest ``search-index`` and roll it out to the ``search``
+            InferenceService (:func:`deploy_search`, same namespace and canary
+            share). Locally the server is started from the model folder and search
+            is not deployed (run ``python -m serving.search`` by hand).
 
     Returns:
         The v1 model URL: ``http://127.0.0.1:<port>/v1/models/<name>`` locally, the
         cluster-internal URL of the InferenceService on ``kserve``.
 
     Raises:
-        ValueError: ``target`` is not one of ``TARGETS``, or ``kserve`` without a
-            ``storage_uri``.
+        ValueError: ``target`` is not one of ``TARGETS``, ``kserve`` without a
+            ``storage_uri``, or ``search`` without a ``model_asset``.
+        KeyError: ``search`` and no ``search-index`` asset in the store.
         DeploymentError: the local server did not become ready.
     """
     if target == "local":
         endpoint = deploy_local(model_dir, port=port, name=name).endpoint
     elif target == "kserve":
-        storage_uri = storage_uri or _asset_storage_uri(model_asset)
         cluster = cluster or ClusterTarget(name=name)
-        deploy_kserve(storage_uri, cluster, api=api)
-        endpoint = cluster.endpoint
+        endpoint = _deploy_cluster(storage_uri, model_asset, cluster, api, search)
     else:
         raise ValueError(
             f"target={target!r} is not a deploy target; use one of {TARGETS}"
@@ -722,6 +955,35 @@ def deploy_model(
     if model_asset:
         _mark_served(model_asset)
     return endpoint
+
+
+def _deploy_cluster(
+    storage_uri: str,
+    model_asset: str,
+    cluster: ClusterTarget,
+    api: Any,
+    search: bool,
+) -> str:
+    """Roll out the recommender (and the search bundle); audit each rollout."""
+    from shopml.assets import asset_store_from_settings
+
+    storage_uri = storage_uri or _asset_storage_uri(model_asset)
+    if search and not model_asset:
+        raise ValueError(
+            "search=True builds the search bundle from the model asset: pass "
+            "model_asset (name@version), got none"
+        )
+    assets = asset_store_from_settings(load_settings())
+    if search:
+        _models_asset(assets, SEARCH_INDEX_ASSET, None)  # fail before any rollout
+
+    plan = deploy_kserve(storage_uri, cluster, api=api)
+    _audit_rollout(assets, model_asset or storage_uri, cluster, plan)
+    if search:
+        target = search_target(cluster.canary_percent, cluster.namespace)
+        bundle, _ = deploy_search(model_asset, cluster=target, api=api, assets=assets)
+        logger.info("search bundle=%s at %s", bundle.version, target.endpoint)
+    return cluster.endpoint
 
 
 def _asset_storage_uri(model_asset: str) -> str:
@@ -756,6 +1018,7 @@ def deploy(
     port: int = 0,
     storage_uri: str = "",
     canary_percent: int = 10,
+    search: bool = True,
 ) -> str:
     """Serve the trained model and return its v1 model URL.
 
@@ -767,6 +1030,8 @@ def deploy(
         port: HTTP port of a local server; 0 picks a free one.
         storage_uri: ``kserve`` only: the model version in the object store.
         canary_percent: ``kserve`` only: the new version's first traffic share.
+        search: ``kserve`` only: also roll out the ``search`` InferenceService with a
+            bundle of this model and the latest ``search-index`` asset.
 
     Returns:
         The v1 model URL (append ``:predict``).
@@ -785,4 +1050,5 @@ def deploy(
         storage_uri=storage_uri,
         model_asset=str(model.metadata.get("asset", "")),
         cluster=cluster if target == "kserve" else None,
+        search=search,
     )

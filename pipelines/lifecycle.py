@@ -141,12 +141,14 @@ def lifecycle_pipeline(
     )
     on_cluster(evaluate_task, memory="4Gi")
 
-    # Serving side effects must never come from a cache.
+    # Serving side effects must never come from a cache. On kserve, deploy also rolls
+    # out the search endpoint from the latest search-index asset in the store, so it
+    # runs after the index is stored.
     deploy_task = deploy(
         model=train_task.outputs["model"],
         features=features_task.outputs["features"],
         target=deploy_target,
-    ).after(evaluate_task)
+    ).after(evaluate_task, search_index_task)
     transient(on_cluster(deploy_task)).set_caching_options(False)
     monitor_task = monitor(
         endpoint=deploy_task.output,

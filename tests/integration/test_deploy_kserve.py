@@ -4,12 +4,16 @@ No real API server can be had here: ``kmock``'s ``KubernetesEmulator`` runs on
 127.0.0.1 in a thread of its own and stores what the client creates and merge-patches.
 The test plays KServe's controller by patching the status. Checked: the exact objects
 and patches sent, the deploy -> canary -> rollback -> canary -> promote sequence, that
-repeating a step changes nothing, and ``shopml deploy --dry-run``.
+repeating a step changes nothing, and ``shopml deploy --dry-run``. The ``search``
+InferenceService is rolled out from a search bundle published in a real S3 server
+(moto, 127.0.0.1): the exact object, the bundle's files, the audit log and the live
+pointers are checked, and a re-run publishes and patches nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,11 +28,15 @@ from components.deploy import (
     ISVC_PLURAL,
     ISVC_VERSION,
     ClusterTarget,
+    bundle_version,
     deploy_kserve,
     deploy_model,
     wait_for_ready,
 )
+from shopml.assets import AssetStore, AssetVersion, asset_store_from_settings
 from shopml.canary import KServeTraffic
+from shopml.config import load_settings
+from tests.services import S3Server
 
 pytestmark = pytest.mark.integration
 
@@ -65,11 +73,11 @@ def emulator() -> Iterator[Emulator]:
             kmock.KubernetesEmulator() as handler,
             kmock.Server(handler, host="127.0.0.1") as server,
         ):
-            handler.resources[f"{ISVC_GROUP}/{ISVC_VERSION}/{ISVC_PLURAL}"] = {
-                "kind": "InferenceService",
-                "namespaced": True,
-                "subresources": ["status"],
-            }
+            handler.resources[f"{ISVC_GROUP}/{ISVC_VERSION}/{ISVC_PLURAL}"] = (
+                kmock.ResourceInfo(
+                    kind="InferenceService", namespaced=True, subresources={"status"}
+                )
+            )
             url = str(server.url).rstrip("/")
             box["emulator"] = Emulator(url, handler, asyncio.get_running_loop(), stop)
             started.set()
@@ -95,10 +103,10 @@ def api(emulator: Emulator) -> Any:
     )
 
 
-def live(api: Any) -> dict[str, Any]:
+def live(api: Any, name: str = "recommender") -> dict[str, Any]:
     return dict(
         api.get_namespaced_custom_object(
-            ISVC_GROUP, ISVC_VERSION, "shopml", ISVC_PLURAL, "recommender"
+            ISVC_GROUP, ISVC_VERSION, "shopml", ISVC_PLURAL, name
         )
     )
 
@@ -120,7 +128,7 @@ def controller_marks_ready(api: Any, revision: str) -> None:
     )
 
 
-def annotations(stable: str, canary: str, decision: str) -> dict[str, str]:
+def rollout_annotations(stable: str, canary: str, decision: str) -> dict[str, str]:
     return {
         "shopml.io/stable-storage-uri": stable,
         "shopml.io/canary-storage-uri": canary,
@@ -129,6 +137,11 @@ def annotations(stable: str, canary: str, decision: str) -> dict[str, str]:
 
 
 MODEL_FORMAT = {"name": "shopml-sasrec", "version": "1"}
+# manifests/base/serving/inferenceservice.*.yaml
+RESOURCES = {
+    "requests": {"cpu": "500m", "memory": "1Gi"},
+    "limits": {"cpu": "2", "memory": "2Gi"},
+}
 
 
 def test_first_deploy_creates_the_exact_inference_service(
@@ -144,7 +157,7 @@ def test_first_deploy_creates_the_exact_inference_service(
         "metadata": {
             "name": "recommender",
             "namespace": "shopml",
-            "annotations": annotations(STABLE, "", "initial"),
+            "annotations": rollout_annotations(STABLE, "", "initial"),
         },
         "spec": {
             "predictor": {
@@ -154,6 +167,7 @@ def test_first_deploy_creates_the_exact_inference_service(
                     "runtime": "shopml",
                     "modelFormat": MODEL_FORMAT,
                     "storageUri": STABLE,
+                    "resources": RESOURCES,
                 },
             }
         },
@@ -175,7 +189,7 @@ def test_canary_rollback_canary_promote_leaves_traffic_where_decided(
     # A new version goes out as a 10 % canary; the stable one keeps the rest.
     canary = deploy_kserve(CANARY_1, TARGET, api=api)
     assert canary.body == {
-        "metadata": {"annotations": annotations(STABLE, CANARY_1, "canary")},
+        "metadata": {"annotations": rollout_annotations(STABLE, CANARY_1, "canary")},
         "spec": {
             "predictor": {
                 "canaryTrafficPercent": 10,
@@ -195,7 +209,7 @@ def test_canary_rollback_canary_promote_leaves_traffic_where_decided(
     assert traffic.apply("rollback") is False  # repeated: nothing sent
     after_rollback = live(api)
     assert after_rollback["spec"]["predictor"]["canaryTrafficPercent"] == 0
-    assert after_rollback["metadata"]["annotations"] == annotations(
+    assert after_rollback["metadata"]["annotations"] == rollout_annotations(
         STABLE, CANARY_1, "rolled-back"
     )
 
@@ -208,17 +222,21 @@ def test_canary_rollback_canary_promote_leaves_traffic_where_decided(
 
     patches = [request.data for request in emulator.requests("PATCH")]
     assert patches[1] == {
-        "metadata": {"annotations": annotations(STABLE, CANARY_1, "rolled-back")},
+        "metadata": {
+            "annotations": rollout_annotations(STABLE, CANARY_1, "rolled-back")
+        },
         "spec": {"predictor": {"canaryTrafficPercent": 0}},
     }
     assert patches[3] == {
-        "metadata": {"annotations": annotations(CANARY_2, "", "promoted")},
+        "metadata": {"annotations": rollout_annotations(CANARY_2, "", "promoted")},
         "spec": {"predictor": {"canaryTrafficPercent": 100}},
     }
     assert len(patches) == 4  # canary, rollback, canary, promote: no repeats
     assert final["spec"]["predictor"]["canaryTrafficPercent"] == 100
     assert final["spec"]["predictor"]["model"]["storageUri"] == CANARY_2
-    assert final["metadata"]["annotations"] == annotations(CANARY_2, "", "promoted")
+    assert final["metadata"]["annotations"] == rollout_annotations(
+        CANARY_2, "", "promoted"
+    )
 
 
 def test_redeploying_the_live_version_changes_nothing(
@@ -253,8 +271,6 @@ def test_shopml_deploy_dry_run_prints_the_patch_and_sends_nothing(
     emulator: Emulator,
     tmp_path: Path,
 ) -> None:
-    import json
-
     import typer
 
     from shopml.cli_serving import deploy
@@ -293,3 +309,152 @@ def test_shopml_deploy_dry_run_prints_the_patch_and_sends_nothing(
     assert printed["stable"] == STABLE
     assert emulator.requests("PATCH") == []
     assert live(api)["spec"]["predictor"]["model"]["storageUri"] == STABLE
+
+
+# --- the search InferenceService and its bundle -------------------------------------
+
+
+@pytest.fixture
+def s3_assets(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> AssetStore:
+    """The audited asset store on the S3 server, as the deploy stage opens it."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return asset_store_from_settings(load_settings())
+
+
+def store_folder(
+    assets: AssetStore, name: str, root: Path, files: dict[str, bytes]
+) -> AssetVersion:
+    for relative, data in files.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(data)
+    return assets.put_dir(name, "models", root, owner="t", producer="t", inputs=[])
+
+
+MODEL_FILES = {"model.pt": b"weights-1", "config.json": b"{}", "manifest.json": b"{}"}
+INDEX_FILES = {
+    "index.json": b'{"n_items": 2}',
+    "bm25/vocab.index.json": b"{}",
+    "embeddings.npy": b"\x93NUMPY",
+}
+
+
+def test_search_rollout_publishes_the_bundle_and_creates_the_exact_isvc(
+    api: Any, emulator: Emulator, s3_assets: AssetStore, tmp_path: Path
+) -> None:
+    model = store_folder(s3_assets, "recommender", tmp_path / "m", MODEL_FILES)
+    index = store_folder(s3_assets, "search-index", tmp_path / "i", INDEX_FILES)
+    bundle = bundle_version(model.ref, index.ref)
+    bucket = load_settings().s3.bucket  # type: ignore[union-attr]
+    uri = f"s3://{bucket}/serving/search/{bundle}"
+
+    endpoint = deploy_model(
+        tmp_path, target="kserve", model_asset=model.ref, cluster=TARGET, api=api,
+        search=True,
+    )  # fmt: skip
+
+    assert endpoint.endswith("/v1/models/recommender")
+    search = live(api, "search")
+    assert search["metadata"]["annotations"] == rollout_annotations(uri, "", "initial")
+    assert search["spec"] == {
+        "predictor": {
+            "serviceAccountName": "shopml-predictor",
+            "model": {
+                "name": "kserve-container",
+                "runtime": "shopml-search",
+                "modelFormat": {"name": "shopml-search", "version": "1"},
+                "storageUri": uri,
+                "resources": RESOURCES,
+            },
+        }
+    }
+    # The bundle holds the recommender under model/, the index under index/.
+    prefix = f"serving/search/{bundle}/"
+    expected = {f"model/{k}": v for k, v in MODEL_FILES.items()} | {
+        f"index/{k}": v for k, v in INDEX_FILES.items()
+    }
+    keys = s3_assets.store.list(prefix)
+    assert sorted(keys) == sorted(
+        [prefix + k for k in expected] + [prefix + "bundle.json"]
+    )
+    for relative, data in expected.items():
+        assert s3_assets.store.get_bytes(prefix + relative) == data
+    record = json.loads(s3_assets.store.get_bytes(prefix + "bundle.json"))
+    assert record == {"model": model.ref, "index": index.ref, "version": bundle}
+    # Both models live (retention keeps them); both rollouts audited.
+    for name, version in (("recommender", model), ("search-index", index)):
+        pointer = json.loads(s3_assets.store.get_bytes(f"models/{name}/_live"))
+        assert pointer["version"] == version.version
+    assert s3_assets.audit is not None
+    events = [(e.action, e.asset, e.outcome) for e in s3_assets.audit.events()]
+    assert ("deploy.bundle", f"search-bundle@{bundle}", "success") in events
+    assert ("deploy.rollout", model.ref, "success") in events
+    assert ("deploy.rollout", f"search-bundle@{bundle}", "success") in events
+    rollout = [e for e in s3_assets.audit.events() if e.action == "deploy.rollout"][-1]
+    assert rollout.details["inferenceservice"] == "shopml/search"
+    assert rollout.details["rollout"] == "create"
+
+
+def test_search_redeploy_publishes_nothing_and_a_new_model_is_a_canary(
+    api: Any, emulator: Emulator, s3_assets: AssetStore, tmp_path: Path
+) -> None:
+    model = store_folder(s3_assets, "recommender", tmp_path / "m", MODEL_FILES)
+    index = store_folder(s3_assets, "search-index", tmp_path / "i", INDEX_FILES)
+    bundle = bundle_version(model.ref, index.ref)
+    deploy_model(
+        tmp_path, target="kserve", model_asset=model.ref, cluster=TARGET, api=api,
+        search=True,
+    )  # fmt: skip
+    keys_before = s3_assets.store.list("serving/")
+    assert s3_assets.audit is not None
+    seen = len(s3_assets.audit.events())
+
+    # The same pair again: no new bundle, no request that changes the cluster.
+    deploy_model(
+        tmp_path, target="kserve", model_asset=model.ref, cluster=TARGET, api=api,
+        search=True,
+    )  # fmt: skip
+    assert s3_assets.store.list("serving/") == keys_before
+    assert emulator.requests("PATCH") == []
+    assert len(emulator.requests("POST")) == 2  # recommender, search
+    again = s3_assets.audit.events()[seen:]
+    assert [(e.action, e.asset, e.outcome) for e in again] == [
+        ("deploy.rollout", model.ref, "unchanged"),
+        ("deploy.bundle", f"search-bundle@{bundle}", "unchanged"),
+        ("deploy.rollout", f"search-bundle@{bundle}", "unchanged"),
+    ]
+
+    # A new recommender version: a new bundle, rolled out as a 10 % canary.
+    files = {**MODEL_FILES, "model.pt": b"weights-2"}
+    new_model = store_folder(s3_assets, "recommender", tmp_path / "m2", files)
+    deploy_model(
+        tmp_path, target="kserve", model_asset=new_model.ref, cluster=TARGET, api=api,
+        search=True,
+    )  # fmt: skip
+    bucket = load_settings().s3.bucket  # type: ignore[union-attr]
+    old_uri = f"s3://{bucket}/serving/search/{bundle}"
+    new_uri = f"s3://{bucket}/serving/search/{bundle_version(new_model.ref, index.ref)}"
+    search = live(api, "search")
+    assert search["metadata"]["annotations"] == rollout_annotations(
+        old_uri, new_uri, "canary"
+    )
+    assert search["spec"]["predictor"]["canaryTrafficPercent"] == 10
+    assert search["spec"]["predictor"]["model"]["storageUri"] == new_uri
+    assert search["spec"]["predictor"]["model"]["resources"] == RESOURCES
+    new_prefix = new_uri.split(f"{bucket}/", 1)[1]
+    assert s3_assets.store.get_bytes(f"{new_prefix}/model/model.pt") == b"weights-2"
+
+
+def test_search_rollout_without_an_index_changes_nothing(
+    api: Any, emulator: Emulator, s3_assets: AssetStore, tmp_path: Path
+) -> None:
+    model = store_folder(s3_assets, "recommender", tmp_path / "m", MODEL_FILES)
+
+    with pytest.raises(KeyError, match="search-index"):
+        deploy_model(
+            tmp_path, target="kserve", model_asset=model.ref, cluster=TARGET, api=api,
+            search=True,
+        )  # fmt: skip
+
+    assert emulator.requests("POST") == []
+    assert s3_assets.store.list("serving/") == []

@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ import kubernetes.client.models
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
+
+from tests.integration.test_scale_out import selects
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"
@@ -204,6 +207,7 @@ def test_every_overlay_builds_the_platform() -> None:
             "StatefulSet/minio",
             "StatefulSet/redis",
             "ServingRuntime/shopml",
+            "ServingRuntime/shopml-search",
             "InferenceService/recommender",
             "InferenceService/search",
             "ServiceAccount/pipeline-runner",
@@ -286,6 +290,13 @@ def test_unknown_kserve_field_is_rejected() -> None:
         to_model(bad, "V1beta1InferenceService", "isvc")
 
 
+# Where each InferenceService's storageUri points: a model version, or a search bundle.
+STORAGE_PREFIXES = {
+    "recommender": "s3://shopml/models/recommender/",
+    "search": "s3://shopml/serving/search/",
+}
+
+
 @pytest.mark.parametrize(("overlay", "doc"), objects({"InferenceService"}))
 def test_inference_service_uses_the_shopml_runtime(
     overlay: str, doc: dict[str, Any]
@@ -300,7 +311,7 @@ def test_inference_service_uses_the_shopml_runtime(
     formats = {f.name for f in runtime.spec.supported_model_formats}
     assert predictor.model.model_format.name in formats
     assert predictor.model.storage_uri.startswith(
-        f"s3://shopml/models/{doc['metadata']['name']}/"
+        STORAGE_PREFIXES[doc["metadata"]["name"]]
     )
     assert predictor.service_account_name == "shopml-predictor"
     assert 1 <= predictor.min_replicas <= predictor.max_replicas
@@ -340,6 +351,82 @@ def test_serving_runtime_starts_the_shopml_server(overlay: str) -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/v1/models/{{.Name}}"
     assert container["livenessProbe"]["httpGet"]["path"] == "/"
     assert set(runtime["spec"]["protocolVersions"]) == {"v1", "v2"}
+
+
+@pytest.mark.parametrize(("overlay", "doc"), objects({"InferenceService"}))
+def test_every_model_format_is_served_by_a_runtime_of_the_same_build(
+    overlay: str, doc: dict[str, Any]
+) -> None:
+    """The named runtime serves the format, and it is the only one auto-selecting it."""
+    model = doc["spec"]["predictor"]["model"]
+    wanted = (model["modelFormat"]["name"], model["modelFormat"].get("version"))
+    runtimes = [d for d in BUILT[overlay] if d["kind"] == "ServingRuntime"]
+    serving = {
+        r["metadata"]["name"]
+        for r in runtimes
+        for f in r["spec"]["supportedModelFormats"]
+        if (f["name"], f.get("version")) == wanted and f.get("autoSelect")
+    }
+    assert serving == {model["runtime"]}, f"{ident(doc)}: {wanted} served by {serving}"
+
+
+def test_model_formats_match_the_runtimes_one_to_one() -> None:
+    for overlay in OVERLAYS:
+        formats = {
+            find(overlay, "InferenceService", name)["spec"]["predictor"]["model"][
+                "modelFormat"
+            ]["name"]: name
+            for name in ("recommender", "search")
+        }
+        assert formats == {"shopml-sasrec": "recommender", "shopml-search": "search"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_search_runtime_starts_the_search_server_like_the_shopml_one(
+    overlay: str,
+) -> None:
+    runtime = find(overlay, "ServingRuntime", "shopml-search")
+    container = runtime["spec"]["containers"][0]
+    assert container["command"] == ["python", "-m", "serving.search"]
+    assert container["args"] == [
+        "--model-dir=/mnt/models/model",
+        "--index-dir=/mnt/models/index",
+        "--host=0.0.0.0",
+        "--http-port=8080",
+    ]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v1/models/search"
+
+    # Hardening, image, settings, ports, resources and liveness as the shopml runtime.
+    shopml = find(overlay, "ServingRuntime", "shopml")
+    different = {"command", "args", "readinessProbe"}
+    reference = shopml["spec"]["containers"][0]
+    assert {k: v for k, v in container.items() if k not in different} == {
+        k: v for k, v in reference.items() if k not in different
+    }
+    assert container["readinessProbe"]["periodSeconds"] == 10
+    assert runtime["spec"]["volumes"] == shopml["spec"]["volumes"]
+    assert runtime["spec"]["protocolVersions"] == shopml["spec"]["protocolVersions"]
+
+
+def test_deploy_targets_match_the_manifests() -> None:
+    """What the deploy stage creates when the object is absent is what dev applies."""
+    from components.deploy import ClusterTarget, search_target
+
+    for target in (ClusterTarget(), search_target()):
+        predictor = find("dev", "InferenceService", target.name)["spec"]["predictor"]
+        model = predictor["model"]
+        assert model["runtime"] == target.runtime
+        assert model["modelFormat"] == {
+            "name": target.model_format,
+            "version": target.model_format_version,
+        }
+        assert predictor["serviceAccountName"] == target.service_account
+        assert model["resources"] == {
+            "requests": {"cpu": target.cpu_request, "memory": target.memory_request},
+            "limits": {"cpu": target.cpu_limit, "memory": target.memory_limit},
+        }
+        canary = find("prod", "InferenceService", target.name)["spec"]["predictor"]
+        assert canary["canaryTrafficPercent"] == target.canary_percent
 
 
 # --- the PyTorchJob (prod) ------------------------------------------------------------
@@ -514,6 +601,123 @@ def test_network_policy_selects_our_pods(overlay: str, doc: dict[str, Any]) -> N
         }
         if ours:
             assert any(ours.items() <= labels.items() for labels in templates), ours
+
+
+# --- endpoint flows across namespaces ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A pod as NetworkPolicies see it: its namespace, its labels, its namespace's."""
+
+    namespace: str
+    labels: dict[str, str]
+    namespace_labels: dict[str, str] = field(default_factory=dict)
+
+    def all_namespace_labels(self) -> dict[str, str]:
+        return {"kubernetes.io/metadata.name": self.namespace, **self.namespace_labels}
+
+
+def peer_matches(peer: dict[str, Any], other: Pod, own_namespace: str) -> bool:
+    """A NetworkPolicy peer: pods of the policy's namespace, or of selected ones."""
+    if "ipBlock" in peer:
+        return False
+    if "namespaceSelector" in peer:
+        if not selects(peer["namespaceSelector"], other.all_namespace_labels()):
+            return False
+    elif other.namespace != own_namespace:
+        return False
+    return selects(peer.get("podSelector", {}), other.labels)
+
+
+def admits(
+    docs: list[dict[str, Any]], direction: str, pod: Pod, peer: Pod, port: int
+) -> bool:
+    """Whether the policies of ``pod``'s namespace let it talk with ``peer``."""
+    kind, key = ("Egress", "to") if direction == "egress" else ("Ingress", "from")
+    selecting = [
+        d
+        for d in docs
+        if d["kind"] == "NetworkPolicy"
+        and d["metadata"].get("namespace") == pod.namespace
+        and kind in d["spec"]["policyTypes"]
+        and selects(d["spec"]["podSelector"], pod.labels)
+    ]
+    if not selecting:
+        return True  # not isolated here (other namespaces: their own business)
+    for policy in selecting:
+        for rule in policy["spec"].get(direction) or []:
+            peers, ports = rule.get(key), rule.get("ports")
+            peer_ok = peers is None or any(
+                peer_matches(p, peer, pod.namespace) for p in peers
+            )
+            port_ok = ports is None or any(
+                p["port"] <= port <= p.get("endPort", p["port"]) for p in ports
+            )
+            if peer_ok and port_ok:
+                return True
+    return False
+
+
+def flows(docs: list[dict[str, Any]], src: Pod, dst: Pod, port: int) -> bool:
+    return admits(docs, "egress", src, dst, port) and admits(
+        docs, "ingress", dst, src, port
+    )
+
+
+PIPELINE = Pod("shopml", {"pipelines.kubeflow.org/v2_component": "true"})
+PREDICTORS = [
+    Pod("shopml", {"component": "predictor", "serving.kserve.io/inferenceservice": n})
+    for n in ("recommender", "search")
+]
+ISTIO_GATEWAY = Pod("istio-system", {"istio": "ingressgateway"})
+KOURIER_GATEWAY = Pod("kourier-system", {"app": "3scale-kourier-gateway"})
+ACTIVATOR = Pod("knative-serving", {"app": "activator"})
+CLIENT_APP = Pod("storefront", {"app": "web"}, {"shopml.io/client": "true"})
+OTHER_APP = Pod("storefront", {"app": "web"})
+
+
+def workload(overlay: str, name: str) -> Pod:
+    spec = find(overlay, "StatefulSet", name)["spec"]["template"]["metadata"]
+    return Pod("shopml", dict(spec["labels"]))
+
+
+def test_prod_pipeline_reaches_the_predictors_through_the_knative_gateway() -> None:
+    docs = BUILT["prod"]
+    # <isvc>-predictor.shopml.svc resolves to the local gateway (pod port 8081).
+    assert flows(docs, PIPELINE, ISTIO_GATEWAY, 8081)
+    assert flows(docs, PIPELINE, KOURIER_GATEWAY, 8081)
+    for predictor in PREDICTORS:
+        assert flows(docs, ISTIO_GATEWAY, predictor, 8012)
+        assert flows(docs, ACTIVATOR, predictor, 8012)
+    # Nothing else of the gateway namespaces, no other namespace on that port.
+    assert not flows(docs, PIPELINE, ISTIO_GATEWAY, 15021)
+    assert not flows(docs, PIPELINE, Pod("default", {"app": "x"}), 8081)
+    assert not flows(docs, PIPELINE, Pod("knative-serving", {"app": "x"}), 8081)
+
+
+def test_dev_pipeline_calls_the_predictors_directly() -> None:
+    docs = BUILT["dev"]
+    for predictor in PREDICTORS:
+        assert flows(docs, PIPELINE, predictor, 8080)
+    assert not flows(docs, PIPELINE, ISTIO_GATEWAY, 8081)  # RawDeployment: no Knative
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_labelled_application_namespaces_call_the_predictors_only(
+    overlay: str,
+) -> None:
+    docs = BUILT[overlay]
+    for predictor in PREDICTORS:
+        assert flows(docs, CLIENT_APP, predictor, 8080)
+        assert not flows(docs, OTHER_APP, predictor, 8080)  # namespace not labelled
+        assert not flows(docs, CLIENT_APP, predictor, 9090)  # metrics stay closed
+    for target, port in (
+        (workload(overlay, "minio"), 9000),
+        (workload(overlay, "redis"), 6379),
+        (PIPELINE, 8080),
+    ):
+        assert not flows(docs, CLIENT_APP, target, port), (target, port)
 
 
 def test_namespace_enforces_restricted_pod_security() -> None:
