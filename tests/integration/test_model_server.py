@@ -372,6 +372,7 @@ def test_components_declare_their_artifacts() -> None:
         "port",
         "storage_uri",
         "canary_percent",
+        "search",
     }
     assert deploy.component_spec.outputs["Output"].type == "String"
     assert set(monitor_spec.inputs) == {"endpoint", "raw", "curated", "n_users"}
