@@ -443,15 +443,24 @@ def clean(
 ) -> None:
     """Validate raw tables into curated and quarantined datasets, with a report.
 
+    ``raw`` holds the refs the ingest stage wrote (or, made by hand, the raw tables
+    themselves). Quarantined rows keep raw fields, so they are stored as
+    ``quarantine_<table>`` assets in the restricted raw zone and ``quarantine`` holds
+    only their refs; ``curated`` holds the pseudonymized, masked tables.
+
     Quality thresholds come from ``SHOPML_QUALITY_THRESHOLDS`` (JSON, e.g.
     ``{"max_nulls": 0.1}``; see :class:`shopml.quality.QualityConfig`); a breached one
     fails the stage after the report, the metrics and ``quality.json`` are written.
     Event buckets are cleaned on the Dask cluster at ``SHOPML_DASK_ADDRESS`` when set,
     in bucket files under ``SHOPML_DASK_WORK_DIR`` (shared storage on a cluster).
     """
+    import tempfile
     from pathlib import Path
 
     from components.clean import COLUMN_TRANSFORMS, clean_tables, render_report
+    from components.ingest import fetch_raw_tables
+    from components.store import store_quarantine
+    from shopml.assets import asset_store_from_settings, read_refs, write_refs
     from shopml.config import load_settings
     from shopml.logs import configure_logging
     from shopml.quality import (
@@ -464,15 +473,30 @@ def clean(
     configure_logging()
     settings = load_settings()
     quality = quality_config_from_env()
-    result = clean_tables(
-        Path(raw.path),
-        Path(curated.path),
-        Path(quarantine.path),
-        load_pseudonymizer(settings),
-        quality=quality,
-        dask_address=settings.dask_address,
-        work_dir=settings.dask_work_dir,
-    )
+    assets = asset_store_from_settings(settings)
+    raw_refs = read_refs(Path(raw.path))
+    # Raw rows and quarantined rows keep personal data: they stay in scratch space
+    # and the restricted raw zone, never in a KFP artifact.
+    with tempfile.TemporaryDirectory(prefix="shopml-clean-") as tmp:
+        raw_dir = Path(raw.path)
+        if raw_refs is not None:
+            raw_dir = fetch_raw_tables(raw_refs, assets, Path(tmp) / "raw")
+        result = clean_tables(
+            raw_dir,
+            Path(curated.path),
+            Path(tmp) / "quarantine",
+            load_pseudonymizer(settings),
+            quality=quality,
+            dask_address=settings.dask_address,
+            work_dir=settings.dask_work_dir,
+        )
+        stored = store_quarantine(
+            Path(tmp) / "quarantine",
+            assets,
+            producer="kfp:clean",
+            inputs=sorted((raw_refs or {}).values()),
+        )
+    write_refs(Path(quarantine.path), {n: v.ref for n, v in stored.items()})
     checks = result.checks
     for name, value in result.metrics().items():
         metrics.log_metric(name, value)

@@ -156,9 +156,18 @@ def _stream_files(
         path = Path(path_text)
         if not path.is_file():
             raise FileNotFoundError(f"{kind} file {path_text!r} does not exist")
-        rows[kind] = _write_chunks(
-            iter_table_file(path, kind), out_dir / f"{kind}.parquet"
-        )
+        try:
+            rows[kind] = _write_chunks(
+                iter_table_file(path, kind), out_dir / f"{kind}.parquet"
+            )
+        except pa.ArrowInvalid as err:
+            raise ValueError(
+                f"{kind} file {path_text!r} cannot be read: {err}"
+            ) from err
+        if rows[kind] == 0:
+            raise ValueError(
+                f"{kind} file {path_text!r} holds no rows (empty, or a header only)"
+            )
         inputs.append(f"{path.name}@{file_digest(path)[:16]}")
     return rows, inputs
 
@@ -230,6 +239,30 @@ def register_raw_tables(
     return refs
 
 
+def raw_refs_by_kind(refs: list[str]) -> dict[str, str]:
+    """``["raw_events@v", ...]`` as ``{"events": "raw_events@v", ...}``."""
+    return {ref.split("@", 1)[0].removeprefix(RAW_PREFIX): ref for ref in refs}
+
+
+def fetch_raw_tables(refs: dict[str, str], assets: AssetStore, dest: Path) -> Path:
+    """Download the raw tables an ingest run stored into ``dest/<kind>.parquet``.
+
+    Args:
+        refs: table kind -> raw asset ref, as the ingest stage wrote them.
+        assets: the asset store.
+        dest: folder to fill (created); keep it in scratch space, it holds raw rows.
+
+    Returns:
+        ``dest``, laid out as :func:`ingest_sources` writes a raw folder.
+    """
+    from shopml.assets import fetch_table_file
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for kind, ref in refs.items():
+        fetch_table_file(assets, ref, dest / f"{kind}.parquet")
+    return dest
+
+
 @stage_component
 def ingest(
     source: str,
@@ -238,20 +271,29 @@ def ingest(
     users_uri: str,
     raw: dsl.Output[dsl.Dataset],
 ) -> None:
-    """Collect the source tables (a public dataset or your files) into a raw dataset."""
-    import os
+    """Collect the source tables (a public dataset or your files) into the raw zone.
+
+    The raw tables hold personal data, so they are stored only as `raw_<table>` assets
+    in the restricted raw zone; `raw` (the KFP artifact) holds their refs.
+    """
     import tempfile
     from pathlib import Path
 
-    from components.ingest import ingest_sources, register_raw_tables
-    from shopml.assets import asset_store_from_settings
+    from components.ingest import (
+        ingest_sources,
+        raw_refs_by_kind,
+        register_raw_tables,
+    )
+    from shopml.assets import asset_store_from_settings, write_refs
     from shopml.config import load_settings
     from shopml.logs import configure_logging
     from shopml.storage import download_uri
 
     configure_logging()
     settings = load_settings()
-    os.makedirs(raw.path, exist_ok=True)
+    assets = asset_store_from_settings(settings)
+    # Raw tables hold personal data: they go to the restricted raw zone only, and
+    # the KFP artifact carries their refs (versions.json), never the rows.
     with tempfile.TemporaryDirectory(prefix="shopml-ingest-") as tmp:
         local = {
             name: str(download_uri(uri, Path(tmp) / name, settings)) if uri else ""
@@ -261,19 +303,18 @@ def ingest(
                 ("users", users_uri),
             )
         }
+        staged = Path(tmp) / "raw"
         result = ingest_sources(
             source,
-            Path(raw.path),
+            staged,
             events_path=local["events"],
             catalog_path=local["catalog"],
             users_path=local["users"],
             cache_dir=settings.home / "datasets" / "movielens-100k",
         )
+        refs = register_raw_tables(staged, assets, result.inputs, producer="kfp:ingest")
+    write_refs(Path(raw.path), raw_refs_by_kind(refs))
     raw.metadata.update({f"{kind}_rows": n for kind, n in result.rows.items()})
     raw.metadata["source"] = source
-    assets = asset_store_from_settings(settings)
-    refs = register_raw_tables(
-        Path(raw.path), assets, result.inputs, producer="kfp:ingest"
-    )
     raw.metadata["sources"] = result.inputs
     raw.metadata["inputs"] = refs

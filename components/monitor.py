@@ -497,7 +497,8 @@ def monitor(
 
     Args:
         endpoint: the v1 model URL from the deploy stage.
-        raw: raw zone folder with ``events.parquet`` (raw user ids).
+        raw: the ingest stage's refs to the raw tables (raw user ids are read from
+            the restricted raw zone), or a folder with ``events.parquet``.
         curated: curated folder with ``events.parquet``.
         metrics: latency_p50_ms, latency_p99_ms, error_rate, sanity_failures and more.
         report: the HTML report.
@@ -506,18 +507,29 @@ def monitor(
     Raises:
         MonitorCheckError: any error or sanity failure (after metrics and report).
     """
+    import tempfile
     from pathlib import Path
 
+    from components.ingest import fetch_raw_tables
     from components.monitor import render_report, run_monitor
+    from shopml.assets import asset_store_from_settings, read_refs
     from shopml.config import load_settings
     from shopml.logs import configure_logging
     from shopml.security import load_pseudonymizer
 
     configure_logging()
-    pseudonymizer = load_pseudonymizer(load_settings())
-    result = run_monitor(
-        endpoint, Path(raw.path), Path(curated.path), pseudonymizer, n_users=n_users
-    )
+    settings = load_settings()
+    pseudonymizer = load_pseudonymizer(settings)
+    refs = read_refs(Path(raw.path))
+    with tempfile.TemporaryDirectory(prefix="shopml-monitor-") as tmp:
+        raw_dir = Path(raw.path)
+        if refs is not None:  # raw ids come from the restricted raw zone
+            events = {"events": refs["events"]}
+            assets = asset_store_from_settings(settings)
+            raw_dir = fetch_raw_tables(events, assets, Path(tmp) / "raw")
+        result = run_monitor(
+            endpoint, raw_dir, Path(curated.path), pseudonymizer, n_users=n_users
+        )
 
     for name, value in result.metrics().items():
         metrics.log_metric(name, value)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from kfp import dsl
 
 from components.common import stage_component
-from shopml.assets import AssetStore, AssetVersion
+from shopml.assets import AssetStore, AssetVersion, read_refs
 from shopml.lineage import asset_dataset, parquet_dataset, start_run
 from shopml.schemas import classify_columns
 
@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 OWNER = "shopml-data"
 TABLES: tuple[str, ...] = ("events", "catalog", "users")
 QUARANTINE_PREFIX = "quarantine_"
+RAW_PREFIX = "raw_"
 
 
 def store_tables(
@@ -44,7 +45,8 @@ def store_tables(
     Args:
         curated_dir: ``events.parquet``, ``catalog.parquet`` and optionally
             ``users.parquet`` from the clean stage.
-        quarantine_dir: the matching quarantine tables.
+        quarantine_dir: the matching quarantine tables, or the ``versions.json`` of
+            quarantine versions the clean stage stored itself (then only linked).
         assets: the asset store.
         producer: the stage or run that writes, recorded in each manifest.
         inputs: lineage of the sources (``["name@version", ...]``).
@@ -63,6 +65,14 @@ def store_tables(
         "store", [parquet_dataset(p) for p in sorted(curated_dir.glob("*.parquet"))]
     )
     checks = _checks(curated_dir / "quality.json")
+    # Quarantine first, so a curated version's lineage can name it.
+    refs = read_refs(quarantine_dir)
+    if refs is None:
+        stored |= store_quarantine(
+            quarantine_dir, assets, producer=producer, inputs=inputs
+        )
+    else:  # the clean stage stored it already, in the restricted raw zone
+        stored |= {name: assets.get(*ref.split("@")) for name, ref in refs.items()}
     for kind in TABLES:
         path = curated_dir / f"{kind}.parquet"
         if not path.is_file():
@@ -72,22 +82,7 @@ def store_tables(
                 f"curated table {kind} is missing: {path} does not exist"
             )
 
-        # Quarantine first, so a curated version's lineage can name it.
         quarantine_name = QUARANTINE_PREFIX + kind
-        quarantine_path = quarantine_dir / f"{kind}.parquet"
-        if quarantine_path.is_file():
-            names = pq.read_schema(quarantine_path).names
-            stored[quarantine_name] = assets.put_table_file(
-                quarantine_name,
-                "raw",
-                quarantine_path,
-                owner=OWNER,
-                classification=quarantine_classes(kind, names),
-                producer=producer,
-                inputs=list(inputs),
-                quality={"rows": pq.read_metadata(quarantine_path).num_rows},
-            )
-
         names = pq.read_schema(path).names
         stored[kind] = assets.put_table_file(
             kind,
@@ -96,7 +91,7 @@ def store_tables(
             owner=OWNER,
             classification=classify_columns(kind, names, curated=True),
             producer=producer,
-            inputs=list(inputs),
+            inputs=table_inputs(kind, inputs),
             quality=_quality(
                 pq.read_metadata(path).num_rows, stored.get(quarantine_name)
             )
@@ -105,6 +100,51 @@ def store_tables(
         )
     logger.info("stored %s", ", ".join(v.ref for v in stored.values()))
     run.complete([asset_dataset(v) for v in stored.values()])
+    return stored
+
+
+def table_inputs(kind: str, inputs: list[str]) -> list[str]:
+    """The inputs a table of ``kind`` really comes from, for its lineage.
+
+    Raw tables are matched by name: ``events`` come from ``raw_events`` and, through
+    the referential check, ``raw_catalog``; ``catalog`` and ``users`` from their own raw
+    table. Inputs that are not raw tables (source files) are kept.
+    """
+    own = {"events": {"events", "catalog"}}.get(kind, {kind})
+    kept = []
+    for ref in inputs:
+        name = ref.split("@", 1)[0]
+        if not name.startswith(RAW_PREFIX) or name[len(RAW_PREFIX) :] in own:
+            kept.append(ref)
+    return kept
+
+
+def store_quarantine(
+    quarantine_dir: Path, assets: AssetStore, *, producer: str, inputs: list[str]
+) -> dict[str, AssetVersion]:
+    """Store each quarantine table present as ``quarantine_<table>`` in zone ``raw``.
+
+    Quarantined rows keep their raw fields (ids, free text), so they live only in the
+    restricted raw zone.
+
+    Returns:
+        Asset name -> version for the tables present.
+    """
+    stored = {}
+    for kind in TABLES:
+        path = quarantine_dir / f"{kind}.parquet"
+        if not path.is_file():
+            continue
+        stored[QUARANTINE_PREFIX + kind] = assets.put_table_file(
+            QUARANTINE_PREFIX + kind,
+            "raw",
+            path,
+            owner=OWNER,
+            classification=quarantine_classes(kind, pq.read_schema(path).names),
+            producer=producer,
+            inputs=table_inputs(kind, inputs),
+            quality={"rows": pq.read_metadata(path).num_rows},
+        )
     return stored
 
 

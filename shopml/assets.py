@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import re
+import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -702,6 +703,48 @@ def register_model(
         inputs=inputs, quality=quality,
     )  # fmt: skip
     run.complete([asset_dataset(asset)])
+    return asset
+
+
+#: File in a stage's output folder naming the asset versions it stands for.
+REFS_FILE = "versions.json"
+
+
+def write_refs(folder: Path, refs: dict[str, str]) -> Path:
+    """Write ``{name: "name@version"}`` to ``folder/versions.json`` (folder created)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / REFS_FILE
+    path.write_text(json.dumps(refs, indent=2, sort_keys=True), encoding="utf-8")
+    return path
+
+
+def read_refs(folder: Path) -> dict[str, str] | None:
+    """The refs a stage wrote with :func:`write_refs`, or ``None`` when it wrote none."""
+    path = folder / REFS_FILE
+    if not path.is_file():
+        return None
+    refs = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(refs, dict) or not all(
+        isinstance(v, str) and "@" in v for v in refs.values()
+    ):
+        raise ValueError(f"{path} must map names to 'name@version' refs, got {refs!r}")
+    return refs
+
+
+def fetch_table_file(assets: AssetStore, ref: str, target: Path) -> AssetVersion:
+    """Download the Parquet file of table version ``ref`` (``name@version``) to ``target``.
+
+    Raises:
+        KeyError: no such version.
+        ValueError: the version is not a table, or its file fails its checksum.
+    """
+    name, _, version = ref.partition("@")
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        asset = assets.fetch_dir(name, version, Path(tmp))
+        table = Path(tmp) / TABLE_FILE
+        if not table.is_file():
+            raise ValueError(f"asset {ref} is not a table: it has no {TABLE_FILE}")
+        table.replace(target)
     return asset
 
 

@@ -165,7 +165,7 @@ def _show_results(settings: Settings, result: Any, demo_users: int) -> None:
 
     typer.echo("")
     print_evaluation(result.evaluation)
-    users = sample_raw_users(result.output("ingest", "raw"), demo_users)
+    users = sample_raw_users(result.output("ingest", "raw"), demo_users, settings)
     print_recommendations(result.endpoint, users)
     typer.echo("")
     typer.echo(f"Evaluation report : {result.output('evaluate', 'report')}")

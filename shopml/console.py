@@ -37,9 +37,22 @@ def print_evaluation(evaluation: dict[str, Any]) -> None:
         typer.echo(f"  gate: {evaluation['gate']}")
 
 
-def sample_raw_users(raw_dir: Path, n: int) -> list[str]:
-    """The first ``n`` distinct raw user ids of the ingested events, in file order."""
-    column = pq.read_table(raw_dir / "events.parquet", columns=["user_id"]).column(0)
+def sample_raw_users(raw_dir: Path, n: int, settings: Settings) -> list[str]:
+    """The first ``n`` distinct raw user ids of the ingested events, in file order.
+
+    ``raw_dir`` is the ingest stage's output: refs to the raw tables in the restricted
+    raw zone (read through the audited asset store), or a folder of raw tables.
+    """
+    from shopml.assets import asset_store_from_settings, read_refs
+
+    refs = read_refs(raw_dir)
+    if refs is None:
+        table = pq.read_table(raw_dir / "events.parquet", columns=["user_id"])
+    else:
+        name, _, version = refs["events"].partition("@")
+        assets = asset_store_from_settings(settings)
+        table = assets.read_table(name, version).select(["user_id"])
+    column = table.column(0)
     seen: list[str] = []
     for value in column.to_pylist():
         if value is not None and value not in seen:

@@ -93,7 +93,11 @@ def test_lineage_runs_from_the_raw_file_to_the_model(tmp_path: Path) -> None:
         line.strip().removeprefix("<- ").split()[0] for line in lines if " by " in line
     ]
     assert len(expanded) == len(set(expanded))
-    assert f"    <- {raw_events.ref} [raw] (see above)" in lines
+    # Each curated table names the raw tables it comes from, not all of them.
+    raw_catalog = assets.get("raw_catalog")
+    assert assets.get("catalog").inputs == [raw_catalog.ref]
+    assert sorted(events.inputs) == sorted([raw_events.ref, raw_catalog.ref])
+    assert f"    <- {raw_catalog.ref} [raw] (see above)" in lines
 
 
 def test_list_show_and_diff(tmp_path: Path) -> None:

@@ -11,9 +11,8 @@ queries against ``python -m serving.search`` logging at DEBUG. It keeps every lo
 line and HTTP response. Each test scans one family of places with
 :func:`shopml.security.scan_for_values`: only the restricted raw zone (``raw/`` in the
 bucket) may hold the values, and the scanner must find them there and in the input,
-so a zero elsewhere means something. Families with a known leak in code this test
-does not own are strict ``xfail`` with the reason; a fix turns them into failures
-until the mark goes.
+so a zero elsewhere means something. The KFP task outputs of ingest and clean carry
+only refs to raw-zone assets, so the pipeline root is scanned like any other place.
 
 Run (about 3 minutes on 2 busy cores)::
 
@@ -579,18 +578,6 @@ def test_every_request_of_the_session_got_the_expected_status(
     assert wrong == [], "good requests succeed, malformed ones get a 4xx"
 
 
-_SERVING_ECHO = (
-    "serving error messages quote request values (parse_k, explain, unknown field and "
-    "input names, non-string item ids, search mode/price) and the v1 search answer "
-    "echoes the query; fixes are reported for serving/recommender.py, serving/search.py"
-)
-_RAW_TASK_OUTPUTS = (
-    "ingest's 'raw' and clean's 'quarantine' task outputs copy raw-zone tables into "
-    "the KFP pipeline root, outside the restricted raw zone; fix reported for "
-    "components/ingest.py, components/clean.py, components/store.py, monitor"
-)
-
-
 def _redis_keys(url: str) -> int:
     import redis
 
@@ -630,22 +617,11 @@ def _places(canary: CanaryRun, family: str) -> tuple[list[Path], list[str], list
         "online-store",
         "local-state",
         "process-logs",
-        pytest.param(
-            "server-logs", marks=pytest.mark.xfail(strict=True, reason=_SERVING_ECHO)
-        ),
+        "server-logs",
         "recommender-responses",
-        pytest.param(
-            "search-responses",
-            marks=pytest.mark.xfail(strict=True, reason=_SERVING_ECHO),
-        ),
-        pytest.param(
-            "error-responses",
-            marks=pytest.mark.xfail(strict=True, reason=_SERVING_ECHO),
-        ),
-        pytest.param(
-            "kfp-raw-task-outputs",
-            marks=pytest.mark.xfail(strict=True, reason=_RAW_TASK_OUTPUTS),
-        ),
+        "search-responses",
+        "error-responses",
+        "kfp-raw-task-outputs",
     ],
 )
 def test_no_planted_value_outside_the_raw_zone(canary: CanaryRun, family: str) -> None:

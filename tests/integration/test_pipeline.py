@@ -16,6 +16,7 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 
 from components.deploy import stop_local
 from pipelines.lifecycle import lifecycle_pipeline
+from shopml.assets import asset_store_from_settings
 from shopml.config import load_settings
 from shopml.datasets import load_amazon_scientific
 from shopml.runner import run_local_pipeline
@@ -113,8 +114,19 @@ def test_lifecycle_runs_every_stage_on_a_real_slice(
     )
     try:
         # Every stage left real output behind.
-        raw = pq.read_table(run.output("ingest", "raw") / "events.parquet")
+        # Raw and quarantined rows stay in the restricted raw zone: the task outputs
+        # of ingest and clean are refs, never rows.
+        for task, name in (("ingest", "raw"), ("clean", "quarantine")):
+            folder = run.output(task, name)
+            assert [p.name for p in folder.iterdir()] == ["versions.json"], folder
+        raw_refs = json.loads(
+            (run.output("ingest", "raw") / "versions.json").read_text()
+        )
+        assets = asset_store_from_settings(settings)
+        raw = assets.read_table(*raw_refs["events"].split("@"))
         assert raw.num_rows == len(events)
+        assert assets.get("raw_events").zone == "raw"
+        assert assets.get("quarantine_events").zone == "raw"
         curated = pq.read_table(run.output("store", "stored") / "events.parquet")
         assert 0 < curated.num_rows <= raw.num_rows
         assert all(u.startswith("u_") for u in curated.column("user_id").to_pylist())

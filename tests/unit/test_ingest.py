@@ -154,3 +154,28 @@ def test_ingest_streams_files_and_registers_raw_assets(tmp_path: Path) -> None:
     assert raw_events.zone == "raw"
     assert raw_events.inputs == result.inputs
     assert {c["name"]: c["class"] for c in raw_events.schema}["user_id"] == "pii"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("user_id,item_id,event_type,timestamp\n", "holds no rows"),
+        ("", "cannot be read"),
+    ],
+    ids=["header-only", "empty"],
+)
+def test_an_events_file_without_rows_is_named_in_the_error(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    events = tmp_path / "events.csv"
+    events.write_text(content)
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("item_id,title\ni1,One\n")
+
+    with pytest.raises(ValueError, match=f"events file '{events}' {message}"):
+        ingest_sources(
+            "files",
+            tmp_path / "raw",
+            events_path=str(events),
+            catalog_path=str(catalog),
+        )
