@@ -7,6 +7,8 @@ writable emptyDir for ``SHOPML_HOME`` (root filesystems are read-only), resource
 retries, and a GPU for training. ``kfp.local`` ignores all of it.
 """
 
+import os
+
 from kfp import dsl, kubernetes
 from kfp.dsl.pipeline_channel import PipelineChannel
 
@@ -42,8 +44,18 @@ def on_cluster(
 
 
 def transient(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """Retry a task whose failures are usually passing (network, object store, API)."""
-    return task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
+    """Retry a task whose failures are usually passing (network, object store, API).
+
+    ``SHOPML_TASK_RETRIES`` (default 3) sets the count when the pipeline is built; the
+    local runner sets 0, so a bad input file fails a local run at once instead of
+    after minutes of back-off (kfp.local honours retries).
+    """
+    retries = int(os.environ.get("SHOPML_TASK_RETRIES", "3"))
+    if retries <= 0:
+        return task
+    return task.set_retry(
+        num_retries=retries, backoff_duration="30s", backoff_factor=2.0
+    )
 
 
 def on_gpu(task: dsl.PipelineTask, gpus: int | PipelineChannel) -> dsl.PipelineTask:

@@ -119,6 +119,8 @@ def run_local_pipeline(settings: Settings, arguments: dict[str, Any]) -> Pipelin
     # Components inherit the environment: no progress bars inside a pipeline run.
     os.environ["SHOPML_PROGRESS"] = "0"
     os.environ["SHOPML_HOME"] = str(settings.home)
+    # Retries are for a cluster's passing failures; locally they only delay the error.
+    os.environ["SHOPML_TASK_RETRIES"] = "0"
     local.init(
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root)
     )
