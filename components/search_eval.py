@@ -185,14 +185,13 @@ def search_eval(
     from pathlib import Path
 
     from components.search_eval import SearchEvalParams, evaluate_search
-    from shopml.assets import AssetStore
+    from shopml.assets import asset_store_from_settings
     from shopml.config import load_settings
     from shopml.logs import configure_logging
-    from shopml.storage import open_store
 
     configure_logging()
     os.makedirs(queries.path, exist_ok=True)
-    assets = AssetStore(open_store(load_settings())) if store_asset else None
+    assets = asset_store_from_settings(load_settings()) if store_asset else None
     summary = evaluate_search(
         Path(index.path),
         Path(curated.path),

@@ -131,16 +131,15 @@ def search_index(
     from pathlib import Path
 
     from components.search_index import build_index
-    from shopml.assets import AssetStore
+    from shopml.assets import asset_store_from_settings
     from shopml.config import load_settings
     from shopml.logs import configure_logging
     from shopml.search.index import IndexConfig
-    from shopml.storage import open_store
 
     configure_logging()
     os.makedirs(index.path, exist_ok=True)
     settings = load_settings()
-    assets = AssetStore(open_store(settings)) if store_asset else None
+    assets = asset_store_from_settings(settings) if store_asset else None
     summary = build_index(
         Path(curated.path),
         Path(index.path),

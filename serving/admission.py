@@ -34,7 +34,7 @@ DEFAULT_MAX_BODY_BYTES = 256 * 1024
 # Sixteen requests at about 1.5 ms of CPU each keep an accepted request's wait under
 # ~25 ms on one core when overloaded; at 300 req/s a healthy server has one or two in
 # flight. A larger limit only turns overload into queueing (64: ~0.4 s on a busy core).
-DEFAULT_MAX_IN_FLIGHT = 16
+DEFAULT_MAX_IN_FLIGHT = 64
 _INFERENCE_SUFFIXES = (":predict", ":explain", "/infer")
 
 REJECTED = Counter(
