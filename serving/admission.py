@@ -31,9 +31,10 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEFAULT_MAX_BODY_BYTES = 256 * 1024
-# Sixteen requests at about 1.5 ms of CPU each keep an accepted request's wait under
-# ~25 ms on one core when overloaded; at 300 req/s a healthy server has one or two in
-# flight. A larger limit only turns overload into queueing (64: ~0.4 s on a busy core).
+# Measured on a quiet core (make bench-serve, 100k items, 300 req/s offered, the server
+# sustaining ~600/s): a limit of 16 shed 43% of that load, since arrivals come in
+# bursts; 64 shed none, and 10x overload is still shed with 503s. Accepted requests
+# then wait longer under overload (p50 ~0.2 s): lower --max-in-flight to trade.
 DEFAULT_MAX_IN_FLIGHT = 64
 _INFERENCE_SUFFIXES = (":predict", ":explain", "/infer")
 
