@@ -20,7 +20,7 @@ from components.search_eval import search_eval
 from components.search_index import search_index
 from components.store import store
 from components.train import train
-from pipelines.platform import on_cluster, on_gpu, transient
+from pipelines.platform import on_cluster, on_gpu, transient, with_work_volume
 
 PIPELINE_NAME = "shopml-lifecycle"
 
@@ -98,7 +98,7 @@ def lifecycle_pipeline(
     )
     transient(on_cluster(ingest_task)).set_caching_options(False)
     clean_task = clean(raw=ingest_task.outputs["raw"])
-    on_cluster(clean_task, memory="4Gi")
+    with_work_volume(on_cluster(clean_task, memory="4Gi"))
     store_task = store(
         curated=clean_task.outputs["curated"],
         quarantine=clean_task.outputs["quarantine"],

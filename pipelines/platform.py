@@ -43,6 +43,18 @@ def on_cluster(
     return task
 
 
+#: Claim shared by the clean pod and the Dask workers (manifests/base/
+#: persistentvolumeclaim.shopml-work.yaml) and where both mount it.
+WORK_CLAIM = "shopml-work"
+WORK_PATH = "/mnt/shopml-work"
+
+
+def with_work_volume(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """Mount the shared work claim, where Dask workers read the buckets the task wrote."""
+    kubernetes.mount_pvc(task, pvc_name=WORK_CLAIM, mount_path=WORK_PATH)
+    return task
+
+
 def transient(task: dsl.PipelineTask) -> dsl.PipelineTask:
     """Retry a task whose failures are usually passing (network, object store, API).
 
@@ -77,6 +89,7 @@ _CONFIG_MAP_KEYS = (
     "SHOPML_HOME",
     "SHOPML_PROGRESS",
     "SHOPML_DASK_ADDRESS",
+    "SHOPML_DASK_WORK_DIR",
     "SHOPML_FEAST_BATCH_ENGINE",
     "SHOPML_RAY_ADDRESS",
 )

@@ -86,6 +86,10 @@ def test_every_task_gets_settings_secrets_and_scratch(tmp_path: Path) -> None:
         assert config["configMapAsEnv"][0]["configMapName"] == "shopml-settings", name
         assert config["emptyDirMounts"][0]["mountPath"] == "/tmp/shopml", name
     assert executors["exec-train"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    # The clean pod writes its user buckets where Dask workers can read them.
+    (claim,) = executors["exec-clean"]["pvcMount"]
+    assert claim["constant"] == "shopml-work"
+    assert claim["mountPath"] == "/mnt/shopml-work"
 
 
 def test_lifecycle_runs_every_stage_on_a_real_slice(

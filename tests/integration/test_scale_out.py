@@ -1029,3 +1029,29 @@ def test_job_pods_pass_restricted_pod_security(created: dict[str, Any]) -> None:
     seccomp = context.get("seccompProfile") or pod_context.get("seccompProfile") or {}
     assert non_root is True, "runAsNonRoot is not set"
     assert seccomp.get("type") == "RuntimeDefault", "seccompProfile is not set"
+
+
+def test_clean_pod_and_dask_workers_share_the_bucket_volume(
+    prod: list[dict[str, Any]], dev: list[dict[str, Any]]
+) -> None:
+    from pipelines.platform import WORK_CLAIM, WORK_PATH
+
+    settings = find(prod, "ConfigMap", "shopml-settings")["data"]
+    assert settings["SHOPML_DASK_WORK_DIR"] == WORK_PATH
+    claim = find(prod, "PersistentVolumeClaim", WORK_CLAIM)
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    worker = find(prod, "DaskCluster", "shopml-dask")["spec"]["worker"]["spec"]
+    volumes = {v["name"]: v for v in worker["volumes"]}
+    mounts = {
+        m["mountPath"]: m["name"] for m in worker["containers"][0]["volumeMounts"]
+    }
+    assert (
+        volumes[mounts[WORK_PATH]]["persistentVolumeClaim"]["claimName"] == WORK_CLAIM
+    )
+
+    # dev: the claim exists for the clean pod's mount, the stage runs in-process.
+    dev_claim = find(dev, "PersistentVolumeClaim", WORK_CLAIM)
+    assert dev_claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert (
+        find(dev, "ConfigMap", "shopml-settings")["data"]["SHOPML_DASK_WORK_DIR"] == ""
+    )
