@@ -105,12 +105,17 @@ def run(
     users: Annotated[
         Path | None, typer.Option(help="Canonical users file (optional).")
     ] = None,
-    epochs: Annotated[int, typer.Option(help="Upper bound on training epochs.")] = 200,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Upper bound on training epochs.")
+    ] = 200,
     min_lift: Annotated[
-        float, typer.Option(help="NDCG@10 lift over popularity to pass.")
+        float,
+        typer.Option(
+            min=-1.0, help="NDCG@10 lift over the best baseline to pass (0.05: 5 %)."
+        ),
     ] = 0.0,
     demo_users: Annotated[
-        int, typer.Option(help="Users to show recommendations for.")
+        int, typer.Option(min=0, help="Users to show recommendations for.")
     ] = 3,
     keep_serving: Annotated[
         bool, typer.Option(help="Leave the model server running.")
@@ -187,7 +192,7 @@ def serve(
     model_dir: Annotated[
         Path | None, typer.Option(help="Model folder; default: latest.")
     ] = None,
-    port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8080,
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     name: Annotated[str, typer.Option(help="Model name in the URL.")] = "recommender",
     canary: Annotated[

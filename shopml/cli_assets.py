@@ -187,7 +187,9 @@ def diff(
 
 @assets_app.command("prune")
 def prune(
-    keep: Annotated[int, typer.Option(help="Newest versions kept per asset.")] = 3,
+    keep: Annotated[
+        int, typer.Option(min=1, help="Newest versions kept per asset.")
+    ] = 3,
     dry_run: Annotated[bool, typer.Option(help="Only list what would go.")] = False,
 ) -> None:
     """Delete old versions; live models and what they came from are always kept."""
@@ -216,9 +218,9 @@ def _parse_faults(faults: list[str]) -> dict[str, float]:
 
 
 def synth(
-    events: Annotated[int, typer.Option(help="Number of events.")] = 100_000,
+    events: Annotated[int, typer.Option(min=1, help="Number of events.")] = 100_000,
     out: Annotated[Path, typer.Option(help="Folder for the files.")] = Path("synth"),
-    users: Annotated[int, typer.Option(help="Users (0: events/50).")] = 0,
+    users: Annotated[int, typer.Option(min=0, help="Users (0: events/50).")] = 0,
     items: Annotated[int, typer.Option(help="Items (0: events/100).")] = 0,
     fault: Annotated[
         list[str] | None,
