@@ -71,7 +71,10 @@ _EMAIL = re.compile(
 _CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
 _PHONE_LIKE = re.compile(r"(?:tel:)?\+?[\d\s().-]{7,}")
 # A maximal run of grouped digits starting like a dialled number: "+", "(" or "0".
-_DIALLED_RUN = re.compile(r"(?<![\w+.-])(?:\+|\(\+?)?\d(?:[ ().-]{0,2}\d)+(?!\w)")
+# Not after ":" nor before ":" (clock times such as 21:42:05.211159+00:00).
+_DIALLED_RUN = re.compile(r"(?<![\w+.:-])(?:\+|\(\+?)?\d(?:[ ().-]{0,2}\d)+(?![\w:])")
+# Calendar dates written with separators (04.12.2026, 04-12-26) are not numbers to dial.
+_DATE = re.compile(r"\d{1,2}([./-])\d{1,2}\1\d{2,4}")
 _MIN_PHONE_DIGITS = 7
 _STREET_SUFFIXES = (
     "street|st|avenue|ave|road|rd|boulevard|blvd|lane|ln|drive|dr|court|ct|place|pl|"
@@ -212,7 +215,12 @@ def find_pii(text: str, region: str = DEFAULT_REGION) -> list[PiiSpan]:
     phones = phonenumbers.PhoneNumberMatcher(
         text, region, leniency=phonenumbers.Leniency.VALID
     )
-    _add_spans(found, "phone", ((m.start, m.end) for m in phones))
+    # phonenumbers reads the seconds of a clock time ("21:13.109902") as a number.
+    _add_spans(
+        found,
+        "phone",
+        ((m.start, m.end) for m in phones if not text[: m.start].endswith(":")),
+    )
     for pattern in (_ADDRESS, _GERMAN_ADDRESS, _PO_BOX):
         _add_spans(
             found, "address", ((m.start(), m.end()) for m in pattern.finditer(text))
@@ -226,7 +234,9 @@ def _dialled_runs(text: str) -> Iterable[tuple[int, int]]:
         run = match.group()
         # A bare digit run is an id (an ASIN, an order number), not a dialled number.
         is_grouped = not run.isdigit()
-        is_dialled = run[0] in "+(" or (run.startswith("0") and is_grouped)
+        is_dialled = run[0] in "+(" or (
+            run.startswith("0") and is_grouped and not _DATE.fullmatch(run)
+        )
         if is_dialled and sum(c.isdigit() for c in run) >= _MIN_PHONE_DIGITS:
             yield match.start(), match.end()
 

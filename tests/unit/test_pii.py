@@ -172,3 +172,16 @@ def test_scanner_finds_planted_values_in_every_kind_of_file(tmp_path: Path) -> N
     found = {(h.value_index, Path(h.location.split("!")[0]).name) for h in hits}
     assert found == {(0, "t.parquet"), (1, "model.pt"), (2, "run.log")}
     assert all("raw" not in Path(h.location).parts for h in hits)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-12-04T22:42:05.211159+00:00",  # seconds from 0 with a grouped fraction
+        "2026-12-05T03:21:13.109902+00:00",  # phonenumbers alone read 13.109902
+        "2026-12-05T08:10:13.102610+00:00",
+        "delivered on 04.12.2026 at 10:30",
+    ],
+)
+def test_timestamps_and_dates_are_not_phone_numbers(text: str) -> None:
+    assert find_pii(text) == []
