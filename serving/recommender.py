@@ -495,9 +495,19 @@ def parse_v2_request(request: InferRequest) -> list[RecommendationQuery]:
         One query per row of ``user_id`` or ``item_ids``.
 
     Raises:
-        InvalidInput: unknown inputs, both or neither of user_id/item_ids, wrong
-            datatypes or shapes, or a bad ``k``.
+        InvalidInput: unknown or repeated inputs, both or neither of
+            user_id/item_ids, wrong datatypes or shapes, or a bad ``k``.
     """
+    names = [infer_input.name for infer_input in request.inputs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InvalidInput(f"input(s) {shown_names(repeated)} are sent more than once")
+    for infer_input in request.inputs:
+        if any(int(size) < 0 for size in infer_input.shape):
+            raise InvalidInput(
+                f"input '{shown_names([infer_input.name])[0]}' has a negative "
+                f"dimension in shape {infer_input.shape}"
+            )
     inputs = {infer_input.name: infer_input for infer_input in request.inputs}
     unknown = shown_names(set(inputs) - set(V2_INPUTS))
     if unknown:

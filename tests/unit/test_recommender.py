@@ -379,6 +379,16 @@ def test_non_json_v1_body_names_the_content_type(model: RecommenderModel) -> Non
             r"input 'k' has shape \[2\]; it must be \[1\] or \[3\]",
             id="k-shape",
         ),
+        pytest.param(
+            [bytes_input("user_id", [1], ["1"]), bytes_input("user_id", [1], ["2"])],
+            r"input\(s\) \['user_id'\] are sent more than once",
+            id="repeated",
+        ),
+        pytest.param(
+            [bytes_input("user_id", [-1], ["1"])],
+            r"input 'user_id' has a negative dimension in shape \[-1\]",
+            id="negative-shape",
+        ),
     ],
 )
 def test_bad_v2_requests_raise_invalid_input_naming_the_input(
