@@ -3,17 +3,23 @@
 * ``redis_server``: Debian's ``redis-server`` on a free port, no persistence.
 * ``s3_server``: moto's threaded S3-compatible server (MinIO's server binary cannot be
   installed on our CI machines; clusters run real MinIO), with a ready bucket.
+* :func:`run_kube_emulator`: kmock's Kubernetes API emulator (no real API server can be
+  had here); the test plays the controllers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -168,3 +174,60 @@ def shopml_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     ):
         monkeypatch.delenv(name, raising=False)
     return home
+
+
+@dataclass
+class KubeEmulator:
+    """A running kmock Kubernetes API emulator: its URL and its request log."""
+
+    url: str
+    handler: Any
+    loop: asyncio.AbstractEventLoop
+    stop: asyncio.Event
+
+    def requests(self, method: str) -> list[Any]:
+        """Requests received with this HTTP method, in order."""
+        return [r for r in list(self.handler) if str(r.method.value) == method]
+
+    def calls(self) -> list[tuple[str, str]]:
+        """(HTTP method, path) of every request received, in order."""
+        return [(str(r.method.value), str(r.url.path)) for r in list(self.handler)]
+
+
+@contextlib.contextmanager
+def run_kube_emulator(resources: dict[str, Any]) -> Iterator[KubeEmulator]:
+    """Serve kmock's emulator on 127.0.0.1 in a thread, knowing ``resources``.
+
+    Args:
+        resources: ``"group/version/plural"`` (``"v1/configmaps"`` for the core group)
+            -> kmock resource info (a ``kmock.ResourceInfo`` or its fields as a dict).
+    """
+    import kmock
+
+    started = threading.Event()
+    box: dict[str, KubeEmulator] = {}
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        async with (
+            kmock.KubernetesEmulator() as handler,
+            kmock.Server(handler, host=LOOPBACK) as server,
+        ):
+            for key, info in resources.items():
+                handler.resources[key] = info
+            url = str(server.url).rstrip("/")
+            box["emulator"] = KubeEmulator(
+                url, handler, asyncio.get_running_loop(), stop
+            )
+            started.set()
+            await stop.wait()
+
+    thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
+    thread.start()
+    assert started.wait(15), "the Kubernetes emulator did not start"
+    emulator = box["emulator"]
+    try:
+        yield emulator
+    finally:
+        emulator.loop.call_soon_threadsafe(emulator.stop.set)
+        thread.join(timeout=10)

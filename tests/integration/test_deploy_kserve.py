@@ -12,11 +12,8 @@ pointers are checked, and a re-run publishes and patches nothing.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +33,7 @@ from components.deploy import (
 from shopml.assets import AssetStore, AssetVersion, asset_store_from_settings
 from shopml.canary import KServeTraffic
 from shopml.config import load_settings
-from tests.services import S3Server
+from tests.services import KubeEmulator, S3Server, run_kube_emulator
 
 pytestmark = pytest.mark.integration
 
@@ -46,56 +43,19 @@ CANARY_2 = "s3://shopml/models/recommender/cccc"
 TARGET = ClusterTarget(canary_percent=10)
 
 
-@dataclass
-class Emulator:
-    """The emulator's URL and a handle to stop it."""
-
-    url: str
-    handler: Any
-    loop: asyncio.AbstractEventLoop
-    stop: asyncio.Event
-
-    def requests(self, method: str) -> list[Any]:
-        """Requests the emulator received with this HTTP method, in order."""
-        return [r for r in list(self.handler) if str(r.method.value) == method]
-
-
 @pytest.fixture
-def emulator() -> Iterator[Emulator]:
+def emulator() -> Iterator[KubeEmulator]:
     import kmock
 
-    started = threading.Event()
-    box: dict[str, Emulator] = {}
-
-    async def serve() -> None:
-        stop = asyncio.Event()
-        async with (
-            kmock.KubernetesEmulator() as handler,
-            kmock.Server(handler, host="127.0.0.1") as server,
-        ):
-            handler.resources[f"{ISVC_GROUP}/{ISVC_VERSION}/{ISVC_PLURAL}"] = (
-                kmock.ResourceInfo(
-                    kind="InferenceService", namespaced=True, subresources={"status"}
-                )
-            )
-            url = str(server.url).rstrip("/")
-            box["emulator"] = Emulator(url, handler, asyncio.get_running_loop(), stop)
-            started.set()
-            await stop.wait()
-
-    thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
-    thread.start()
-    assert started.wait(15), "the Kubernetes emulator did not start"
-    emulator = box["emulator"]
-    try:
-        yield emulator
-    finally:
-        emulator.loop.call_soon_threadsafe(emulator.stop.set)
-        thread.join(timeout=10)
+    info = kmock.ResourceInfo(
+        kind="InferenceService", namespaced=True, subresources={"status"}
+    )
+    with run_kube_emulator({f"{ISVC_GROUP}/{ISVC_VERSION}/{ISVC_PLURAL}": info}) as emu:
+        yield emu
 
 
 @pytest.fixture
-def api(emulator: Emulator) -> Any:
+def api(emulator: KubeEmulator) -> Any:
     from kubernetes import client
 
     return client.CustomObjectsApi(
@@ -145,7 +105,7 @@ RESOURCES = {
 
 
 def test_first_deploy_creates_the_exact_inference_service(
-    api: Any, emulator: Emulator
+    api: Any, emulator: KubeEmulator
 ) -> None:
     plan = deploy_kserve(STABLE, TARGET, api=api)
     controller_marks_ready(api, "recommender-predictor-00001")
@@ -181,7 +141,7 @@ def test_first_deploy_creates_the_exact_inference_service(
 
 
 def test_canary_rollback_canary_promote_leaves_traffic_where_decided(
-    api: Any, emulator: Emulator
+    api: Any, emulator: KubeEmulator
 ) -> None:
     traffic = KServeTraffic(api, TARGET)
     deploy_kserve(STABLE, TARGET, api=api)
@@ -240,7 +200,7 @@ def test_canary_rollback_canary_promote_leaves_traffic_where_decided(
 
 
 def test_redeploying_the_live_version_changes_nothing(
-    api: Any, emulator: Emulator
+    api: Any, emulator: KubeEmulator
 ) -> None:
     deploy_kserve(STABLE, TARGET, api=api)
     deploy_kserve(CANARY_1, TARGET, api=api)
@@ -268,7 +228,7 @@ def test_deploy_model_kserve_target_returns_the_cluster_endpoint(
 
 def test_shopml_deploy_dry_run_prints_the_patch_and_sends_nothing(
     api: Any,
-    emulator: Emulator,
+    emulator: KubeEmulator,
     tmp_path: Path,
 ) -> None:
     import typer
@@ -340,7 +300,7 @@ INDEX_FILES = {
 
 
 def test_search_rollout_publishes_the_bundle_and_creates_the_exact_isvc(
-    api: Any, emulator: Emulator, s3_assets: AssetStore, tmp_path: Path
+    api: Any, emulator: KubeEmulator, s3_assets: AssetStore, tmp_path: Path
 ) -> None:
     model = store_folder(s3_assets, "recommender", tmp_path / "m", MODEL_FILES)
     index = store_folder(s3_assets, "search-index", tmp_path / "i", INDEX_FILES)
@@ -396,7 +356,7 @@ def test_search_rollout_publishes_the_bundle_and_creates_the_exact_isvc(
 
 
 def test_search_redeploy_publishes_nothing_and_a_new_model_is_a_canary(
-    api: Any, emulator: Emulator, s3_assets: AssetStore, tmp_path: Path
+    api: Any, emulator: KubeEmulator, s3_assets: AssetStore, tmp_path: Path
 ) -> None:
     model = store_folder(s3_assets, "recommender", tmp_path / "m", MODEL_FILES)
     index = store_folder(s3_assets, "search-index", tmp_path / "i", INDEX_FILES)
@@ -446,7 +406,7 @@ def test_search_redeploy_publishes_nothing_and_a_new_model_is_a_canary(
 
 
 def test_search_rollout_without_an_index_changes_nothing(
-    api: Any, emulator: Emulator, s3_assets: AssetStore, tmp_path: Path
+    api: Any, emulator: KubeEmulator, s3_assets: AssetStore, tmp_path: Path
 ) -> None:
     model = store_folder(s3_assets, "recommender", tmp_path / "m", MODEL_FILES)
 

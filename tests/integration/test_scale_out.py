@@ -34,14 +34,11 @@ tests/integration/test_feast_ray.py.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -52,6 +49,7 @@ import yaml
 
 from shopml.config import S3Settings, Settings
 from shopml.features import feature_store_from_settings
+from tests.services import KubeEmulator, run_kube_emulator
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"
@@ -725,56 +723,19 @@ def test_k8s_batch_engine_needs_shared_stores(tmp_path: Path, missing: str) -> N
 # --- Feast's engine against the Kubernetes API emulator --------------------------------
 
 
-@dataclass
-class Emulator:
-    """The emulator's URL, its request log and a handle to stop it."""
-
-    url: str
-    handler: Any
-    loop: asyncio.AbstractEventLoop
-    stop: asyncio.Event
-
-    def calls(self) -> list[tuple[str, str]]:
-        """(HTTP method, path) of every request received, in order."""
-        return [(str(r.method.value), str(r.url.path)) for r in list(self.handler)]
-
-
 @pytest.fixture
-def emulator() -> Iterator[Emulator]:
-    import kmock
-
-    started = threading.Event()
-    box: dict[str, Emulator] = {}
-
-    async def serve() -> None:
-        stop = asyncio.Event()
-        async with (
-            kmock.KubernetesEmulator() as handler,
-            kmock.Server(handler, host="127.0.0.1") as server,
-        ):
-            jobs: Any = {"kind": "Job", "namespaced": True, "subresources": ["status"]}
-            config_maps: Any = {"kind": "ConfigMap", "namespaced": True}
-            handler.resources["batch/v1/jobs"] = jobs
-            handler.resources["v1/configmaps"] = config_maps
-            url = str(server.url).rstrip("/")
-            box["emulator"] = Emulator(url, handler, asyncio.get_running_loop(), stop)
-            started.set()
-            await stop.wait()
-
-    thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
-    thread.start()
-    assert started.wait(15), "the Kubernetes emulator did not start"
-    emulator = box["emulator"]
-    try:
-        yield emulator
-    finally:
-        emulator.loop.call_soon_threadsafe(emulator.stop.set)
-        thread.join(timeout=10)
+def emulator() -> Iterator[KubeEmulator]:
+    jobs: Any = {"kind": "Job", "namespaced": True, "subresources": ["status"]}
+    config_maps: Any = {"kind": "ConfigMap", "namespaced": True}
+    with run_kube_emulator(
+        {"batch/v1/jobs": jobs, "v1/configmaps": config_maps}
+    ) as emu:
+        yield emu
 
 
 @pytest.fixture
 def kubeconfig(
-    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    emulator: KubeEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Path]:
     """A kubeconfig that points Feast's ``load_config()`` at the emulator."""
     path = tmp_path / "kubeconfig"
@@ -836,7 +797,7 @@ JOB = f"feast-materialization-{JOB_ID}"
 
 
 @pytest.fixture
-def created(kubeconfig: Path, emulator: Emulator, tmp_path: Path) -> dict[str, Any]:
+def created(kubeconfig: Path, emulator: KubeEmulator, tmp_path: Path) -> dict[str, Any]:
     """What Feast's engine creates for one feature view, read back from the API."""
     from kubernetes import client
 
@@ -899,7 +860,9 @@ def test_engine_creates_the_job_we_configured(created: dict[str, Any]) -> None:
 
 
 def test_role_covers_every_api_call_the_engine_made(
-    created: dict[str, Any], prod_with_feast: list[dict[str, Any]], emulator: Emulator
+    created: dict[str, Any],
+    prod_with_feast: list[dict[str, Any]],
+    emulator: KubeEmulator,
 ) -> None:
     from feast.infra.common.materialization_job import MaterializationJobStatus
     from kubernetes import client
