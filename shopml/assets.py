@@ -200,31 +200,13 @@ class AssetStore:
                 taken in another zone.
         """
         self._check_target(name, zone)
-        schema = _describe_schema(table.schema, classification)
-        data = parquet_bytes(table)
-        version = hashlib.sha256(data).hexdigest()[:_VERSION_CHARS]
-        existing = self._existing(zone, name, version)
-        if existing is not None:
-            return existing
-
-        prefix = f"{zone}/{name}/{version}/"
-        self.store.put_bytes(prefix + TABLE_FILE, data)
-        return self._commit(
-            AssetVersion(
-                name=name,
-                zone=zone,
-                version=version,
-                created_at=datetime.now(UTC).isoformat(),
-                rows=table.num_rows,
-                bytes=len(data),
-                schema=schema,
-                owner=owner,
-                producer=producer,
-                inputs=list(inputs),
-                quality=quality,
-                files=[_file_entry(TABLE_FILE, data)],
-            )
-        )
+        with tempfile.TemporaryDirectory(prefix="shopml-asset-") as tmp:
+            path = Path(tmp) / TABLE_FILE
+            path.write_bytes(parquet_bytes(table))
+            return self.put_table_file(
+                name, zone, path, owner=owner, classification=classification,
+                producer=producer, inputs=inputs, quality=quality,
+            )  # fmt: skip
 
     def put_dir(
         self,
