@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shopml.retention import check_keep_last, expired
 from shopml.schemas import CLASSES
 from shopml.storage import ObjectStore
 
@@ -584,8 +585,7 @@ def prune_versions(
     Raises:
         ValueError: ``keep_last`` is below 1.
     """
-    if keep_last < 1:
-        raise ValueError(f"keep_last={keep_last} must be at least 1")
+    check_keep_last(keep_last)
     protected = live_refs(assets)
     by_name: dict[str, list[AssetVersion]] = {}
     for version in assets.list():
@@ -594,8 +594,7 @@ def prune_versions(
     doomed = [
         v
         for versions in by_name.values()
-        for v in versions[:-keep_last]
-        if v.ref not in protected
+        for v in expired(versions, keep_last, lambda v: v.ref in protected)
     ]
     for version in [] if dry_run else doomed:
         assets.store.delete(version.prefix + MANIFEST)

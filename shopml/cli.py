@@ -5,16 +5,21 @@ shopml run --events E --catalog C  # the same on your own canonical files
 shopml data fetch movielens-100k   # only download and map the dataset
 shopml serve                       # serve the latest model on 127.0.0.1:8080
 shopml pipeline compile -o F.yaml  # the pipeline YAML for the Kubeflow UI
+shopml deploy --dry-run --offline --storage-uri URI  # the InferenceService, as YAML
+shopml bundles prune --keep 3      # old search bundles, never a served one
+
+A failed stage prints one line (``error: stage evaluate failed: GateError: ...``) and
+exits 1; ``shopml --verbose ...`` (or ``--log-level DEBUG``) adds DEBUG logs and the
+failed stage's traceback.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -22,10 +27,13 @@ from shopml.cli_assets import assets_app, synth
 from shopml.cli_features import events_app
 from shopml.cli_search import app as search_app
 from shopml.cli_security import audit_app, forget, security_app
-from shopml.cli_serving import canary_app
+from shopml.cli_serving import bundles_app, canary_app
 from shopml.cli_serving import deploy as deploy_command
 from shopml.config import Settings, load_settings
 from shopml.logs import configure_logging
+
+if TYPE_CHECKING:
+    from shopml.runner import PipelineFailedError
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +53,7 @@ app.add_typer(security_app, name="security")
 app.command("forget")(forget)
 app.command("deploy")(deploy_command)
 app.add_typer(canary_app, name="canary")
+app.add_typer(bundles_app, name="bundles")
 app.add_typer(search_app, name="search")
 data_app.command("synth")(synth)
 
@@ -56,8 +65,12 @@ def _main(
     log_level: Annotated[
         str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")
     ] = "INFO",
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="DEBUG logs and full tracebacks."),
+    ] = False,
 ) -> None:
-    configure_logging(log_level.upper())
+    configure_logging("DEBUG" if verbose else log_level.upper())
 
 
 @data_app.command("fetch")
@@ -122,8 +135,8 @@ def run(
     ] = False,
 ) -> None:
     """Run the whole lifecycle locally through kfp.local and show the results."""
-    from components.deploy import stop_local
-    from shopml.runner import run_local_pipeline
+    from shopml.local_serving import read_server_record, stop_local
+    from shopml.runner import PipelineFailedError, run_local_pipeline
 
     if (events is None) != (catalog is None):
         raise typer.BadParameter(
@@ -136,12 +149,29 @@ def run(
         arguments |= _file_arguments(events, catalog, users)
 
     settings = load_settings()
-    result = run_local_pipeline(settings, arguments)
+    try:
+        result = run_local_pipeline(settings, arguments)
+    except PipelineFailedError as err:
+        _report_failure(err)
+        raise typer.Exit(1) from err
     try:
         _show_results(settings, result, demo_users)
     finally:
         if not keep_serving:
-            stop_local(_server_pid(settings))
+            stop_local(int(read_server_record(settings)["pid"]))
+
+
+def _report_failure(err: PipelineFailedError) -> None:
+    """One message for a failed stage; its traceback only at DEBUG (``--verbose``)."""
+    import traceback
+
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+    if verbose:
+        shown = err.traceback or "".join(traceback.format_exception(err))
+        typer.echo(shown.rstrip("\n"), err=True)
+    typer.echo(f"error: {err.summary}", err=True)
+    hint = "" if verbose else " (--verbose shows the traceback)"
+    typer.echo(f"full log: {err.log_path}{hint}", err=True)
 
 
 def _file_arguments(events: Path, catalog: Path, users: Path | None) -> dict[str, Any]:
@@ -158,11 +188,6 @@ def _file_arguments(events: Path, catalog: Path, users: Path | None) -> dict[str
         "catalog_uri": str(catalog.resolve()),
         "users_uri": str(users.resolve()) if users else "",
     }
-
-
-def _server_pid(settings: Settings) -> int:
-    info = json.loads((settings.home / "runs" / "server.json").read_text())
-    return int(info["pid"])
 
 
 def _show_results(settings: Settings, result: Any, demo_users: int) -> None:

@@ -3,7 +3,10 @@ local canary stack behind ``shopml serve --canary PERCENT``.
 
 ``shopml deploy --storage-uri s3://shopml/models/recommender/<version>`` creates or
 patches the cluster's InferenceService (a canary at ``--canary-percent``); with
-``--dry-run`` it prints what it would send and changes nothing. ``shopml canary
+``--dry-run`` it prints what it would send and changes nothing. Without a cluster (no
+kubeconfig at all, or ``--offline``) a dry run prints the full object it would create,
+as YAML for ``kubectl apply -f -``; a kubeconfig whose server fails is an error naming
+that server, never a silent fallback. ``shopml canary
 analyze`` compares canary and stable from an impression log and feedback events and,
 with ``--apply``, promotes or rolls back on the local splitter or the cluster.
 :func:`start_local_canary` runs a stable and a canary model server and the splitter
@@ -17,29 +20,37 @@ import logging
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
 import pandas as pd
 import typer
+import yaml
 
-from components.deploy import (
-    LOOPBACK,
-    DeploymentError,
-    LocalDeployment,
-    _free_port,
-    deploy_local,
-    stop_local,
-)
 from shopml.audit import AuditEvent
 from shopml.canary import CanaryDecision
 from shopml.config import load_settings
+from shopml.local_serving import (
+    LOOPBACK,
+    DeploymentError,
+    LocalDeployment,
+    deploy_local,
+    free_port,
+    stop_local,
+)
+
+if TYPE_CHECKING:
+    from shopml.kserve_objects import ClusterTarget, RolloutPlan
 
 logger = logging.getLogger(__name__)
 
 canary_app = typer.Typer(help="Canary analysis and decisions.", no_args_is_help=True)
+bundles_app = typer.Typer(
+    help="Search bundles (serving/search/) the search InferenceService downloads.",
+    no_args_is_help=True,
+)
 
 
 def deploy(
@@ -54,6 +65,13 @@ def deploy(
     dry_run: Annotated[
         bool, typer.Option(help="Print what would be sent; change nothing.")
     ] = False,
+    offline: Annotated[
+        bool,
+        typer.Option(
+            help="With --dry-run: contact no cluster; print the object a first "
+            "rollout would create."
+        ),
+    ] = False,
     kubeconfig: Annotated[
         Path | None,
         typer.Option(help="Kubeconfig file (default: in-cluster, ~/.kube)."),
@@ -61,18 +79,65 @@ def deploy(
     context: Annotated[str | None, typer.Option(help="Kubeconfig context.")] = None,
 ) -> None:
     """Roll a model version out to the cluster's InferenceService as a canary."""
-    from components.deploy import ClusterTarget, deploy_kserve, kubernetes_api
+    from components.deploy import deploy_kserve
+    from shopml.kserve_api import ClusterAccessError
+    from shopml.kserve_objects import ClusterTarget, plan_rollout
 
+    if offline and not dry_run:
+        raise typer.BadParameter("--offline only prints a plan: add --dry-run")
     try:
         target = ClusterTarget(
             name=name, namespace=namespace, canary_percent=canary_percent
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
-    api = kubernetes_api(str(kubeconfig) if kubeconfig else None, context)
-    plan = deploy_kserve(storage_uri, target, api=api, dry_run=dry_run)
+
+    try:
+        api, unread = _rollout_api(
+            kubeconfig, context, offline=offline, dry_run=dry_run
+        )
+        if api is None:
+            plan = plan_rollout(target, storage_uri, None)
+        else:
+            plan = deploy_kserve(storage_uri, target, api=api, dry_run=dry_run)
+    except (ClusterAccessError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from err
+    _print_plan(plan, target, dry_run, unread)
+
+
+def _rollout_api(
+    kubeconfig: Path | None, context: str | None, *, offline: bool, dry_run: bool
+) -> tuple[Any, str]:
+    """The API to use, or ``None`` and why the live object cannot be read.
+
+    Only a dry run may go without a cluster, and only when none is configured at all
+    (or ``--offline``); a kubeconfig that exists is used, and its failures are errors.
+    """
+    from shopml.kserve_api import KubeconfigNotFoundError, kubernetes_api
+
+    if offline:
+        return None, "--offline"
+    try:
+        return kubernetes_api(str(kubeconfig) if kubeconfig else None, context), ""
+    except KubeconfigNotFoundError as err:
+        if not dry_run:
+            raise
+        return None, str(err)
+
+
+def _print_plan(
+    plan: RolloutPlan, target: ClusterTarget, dry_run: bool, unread: str
+) -> None:
+    """Print the plan: YAML of the object when the cluster was not read, else JSON."""
     verb = "would" if dry_run else "did"
-    typer.echo(f"# {verb} {plan.action} inferenceservice {namespace}/{name}")
+    typer.echo(
+        f"# {verb} {plan.action} inferenceservice {target.namespace}/{target.name}"
+    )
+    if unread:
+        typer.echo(f"# could not read the live object ({unread}); showing a create")
+        typer.echo(yaml.safe_dump(plan.body, sort_keys=False), nl=False)
+        return
     typer.echo(
         json.dumps(
             {
@@ -84,6 +149,45 @@ def deploy(
             indent=2,
         )
     )
+
+
+@bundles_app.command("prune")
+def bundles_prune(
+    keep: Annotated[
+        int, typer.Option(min=1, help="Newest bundles kept besides the served ones.")
+    ] = 3,
+    dry_run: Annotated[bool, typer.Option(help="Only list what would go.")] = False,
+    name: Annotated[str, typer.Option(help="The search InferenceService.")] = "search",
+    namespace: Annotated[str, typer.Option(help="Namespace.")] = "shopml",
+    kubeconfig: Annotated[
+        Path | None,
+        typer.Option(help="Kubeconfig file (default: in-cluster, ~/.kube)."),
+    ] = None,
+    context: Annotated[str | None, typer.Option(help="Kubeconfig context.")] = None,
+) -> None:
+    """Delete old search bundles; never one the InferenceService still serves.
+
+    The cluster is always read (what it serves decides what stays), so this needs a
+    reachable API server; ``shopml deploy`` prunes the same way after each search
+    rollout.
+    """
+    from components.deploy import prune_unserved_bundles
+    from shopml.kserve_api import ClusterAccessError, kubernetes_api
+    from shopml.kserve_objects import search_target
+
+    try:
+        api = kubernetes_api(str(kubeconfig) if kubeconfig else None, context)
+        cluster = replace(search_target(namespace=namespace), name=name)
+        doomed = prune_unserved_bundles(
+            cluster, api=api, keep_last=keep, dry_run=dry_run
+        )
+    except (ClusterAccessError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from err
+    verb = "would delete" if dry_run else "deleted"
+    typer.echo(f"{verb} {len(doomed)} search bundle(s)")
+    for bundle in doomed:
+        typer.echo(f"  {bundle.ref} ({bundle.model_ref}, {bundle.index_ref})")
 
 
 @canary_app.command("analyze")
@@ -135,7 +239,6 @@ def apply_canary_decision(
     Returns:
         The audit event, or ``None`` for ``wait``.
     """
-    from components.deploy import ClusterTarget, kubernetes_api
     from shopml.assets import asset_store_from_settings
     from shopml.audit import audit_log_from_settings
     from shopml.canary import (
@@ -144,6 +247,8 @@ def apply_canary_decision(
         Traffic,
         apply_decision,
     )
+    from shopml.kserve_api import kubernetes_api
+    from shopml.kserve_objects import ClusterTarget
 
     traffic: Traffic
     if splitter:
@@ -250,7 +355,7 @@ def start_local_canary(
     except DeploymentError:
         stop_local(stable)
         raise
-    port = port or _free_port()
+    port = port or free_port()
     url = f"http://{LOOPBACK}:{port}"
     log = settings.home / "logs" / f"splitter-{port}.log"
     command = [

@@ -3,7 +3,10 @@
 The same pipeline definition that Kubeflow runs is executed here by KFP's
 ``SubprocessRunner``: every component runs as its own Python process in the current
 environment. KFP's verbose output goes to ``<home>/runs/<run_id>/pipeline.log``; the
-console shows stage starts and ends and the stages' own INFO lines.
+console shows stage starts and ends and the stages' own INFO lines. When a stage fails,
+:class:`PipelineFailedError` carries the stage's own error line and traceback (read
+from its streamed output), so the CLI can print one message and keep the traceback
+for ``--verbose``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import os
 import re
 import sys
+import textwrap
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,6 +34,29 @@ _TASK_LINE = re.compile(
     r"Task '([\w-]+)' (finished with status \w+|failed)|Executing task '([\w-]+)'"
 )
 _STAGE_LOG = re.compile(r" (INFO|WARNING|ERROR) (shopml|components|serving)[\w.]*: ")
+_TRACEBACK = "Traceback (most recent call last):"
+_FAILED = re.compile(r"Task '([\w-]+)' (finished with status FAILURE|failed)")
+
+
+class PipelineFailedError(RuntimeError):
+    """A stage of a local run failed; the message is one line naming it and its error.
+
+    Attributes:
+        stage: the failed task (``evaluate``, ...), ``None`` when no task failed
+            (the run broke before or between tasks).
+        summary: ``stage <name> failed: <ExceptionType>: <message>``.
+        traceback: the stage's own traceback as it printed it; ``""`` if none.
+        log_path: the run's full log.
+    """
+
+    def __init__(
+        self, stage: str | None, summary: str, traceback: str, log_path: Path
+    ) -> None:
+        super().__init__(f"{summary}; full log: {log_path}")
+        self.stage = stage
+        self.summary = summary
+        self.traceback = traceback
+        self.log_path = log_path
 
 
 @dataclass
@@ -62,6 +89,12 @@ class _ConsoleFilter(io.TextIOBase):
         self._log = log
         self._console = console
         self._buffer = ""
+        self.failed_stage: str | None = None
+        # The last complete traceback a stage printed: (its lines, the error line).
+        self.traceback: list[str] = []
+        self.error = ""
+        self._block: list[str] | None = None
+        self._indent = 0
 
     def writable(self) -> bool:
         return True
@@ -82,6 +115,10 @@ class _ConsoleFilter(io.TextIOBase):
 
     def _emit(self, line: str) -> None:
         self._log.write(line + "\n")
+        self._follow_traceback(line)
+        failed = _FAILED.search(line)
+        if failed and self.failed_stage is None:
+            self.failed_stage = failed.group(1)
         task = _TASK_LINE.search(line)
         if task:
             if task.group(3):
@@ -90,6 +127,35 @@ class _ConsoleFilter(io.TextIOBase):
                 self._console.write(f"    stage {task.group(1)} {task.group(2)}\n")
         elif _STAGE_LOG.search(line):
             self._console.write("    " + line.strip() + "\n")
+
+    def _follow_traceback(self, line: str) -> None:
+        """Collect a stage's traceback: frames are indented deeper than its header,
+        and the first line back at the header's indentation is the error."""
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if stripped == _TRACEBACK:
+            self._block, self._indent = [line], indent
+        elif self._block is not None and stripped:
+            self._block.append(line)
+            if indent <= self._indent:
+                self.traceback, self.error = self._block, stripped
+                self._block = None
+
+    def failure(self, err: Exception, log_path: Path) -> PipelineFailedError:
+        """The failure to raise for ``err``, from what the failed stage printed."""
+        if self.failed_stage is None or not self.error:
+            reason = _ANSI.sub("", str(err))
+            return PipelineFailedError(
+                None, f"the pipeline failed: {reason}", "", log_path
+            )
+        name, sep, message = self.error.partition(": ")
+        error = f"{name.rsplit('.', 1)[-1]}: {message}" if sep else self.error
+        return PipelineFailedError(
+            self.failed_stage,
+            f"stage {self.failed_stage} failed: {error}",
+            textwrap.dedent("\n".join(self.traceback)),
+            log_path,
+        )
 
 
 def run_local_pipeline(settings: Settings, arguments: dict[str, Any]) -> PipelineRun:
@@ -103,7 +169,9 @@ def run_local_pipeline(settings: Settings, arguments: dict[str, Any]) -> Pipelin
         The run folder, log, endpoint and evaluation table.
 
     Raises:
-        RuntimeError: a stage failed; the message points at the log.
+        PipelineFailedError: a stage failed; the message names it and its error and
+            points at the log.
+        RuntimeError: kfp.local wrote no run folder.
     """
     from kfp import local
 
@@ -145,9 +213,7 @@ def run_local_pipeline(settings: Settings, arguments: dict[str, Any]) -> Pipelin
                 task = lifecycle_pipeline(**arguments)
         except Exception as err:
             console.flush()
-            raise RuntimeError(
-                f"the pipeline failed: {err}; full log: {log_path}"
-            ) from err
+            raise console.failure(err, log_path) from err
         console.flush()
 
     new_dirs = sorted(set(pipeline_root.glob(f"{PIPELINE_NAME}-*")) - before)

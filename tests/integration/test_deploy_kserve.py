@@ -4,16 +4,19 @@ No real API server can be had here: ``kmock``'s ``KubernetesEmulator`` runs on
 127.0.0.1 in a thread of its own and stores what the client creates and merge-patches.
 The test plays KServe's controller by patching the status. Checked: the exact objects
 and patches sent, the deploy -> canary -> rollback -> canary -> promote sequence, that
-repeating a step changes nothing, and ``shopml deploy --dry-run``. The ``search``
+repeating a step changes nothing, and ``shopml deploy --dry-run`` (the patch it prints,
+and an error naming the server when the API server fails). The ``search``
 InferenceService is rolled out from a search bundle published in a real S3 server
 (moto, 127.0.0.1): the exact object, the bundle's files, the audit log and the live
-pointers are checked, and a re-run publishes and patches nothing.
+pointers are checked, a re-run publishes and patches nothing, and old bundles are
+pruned while the ones the InferenceService serves are kept.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from components.deploy import (
     bundle_version,
     deploy_kserve,
     deploy_model,
+    search_target,
     wait_for_ready,
 )
 from shopml.assets import AssetStore, AssetVersion, asset_store_from_settings
@@ -226,23 +230,13 @@ def test_deploy_model_kserve_target_returns_the_cluster_endpoint(
     assert live(api)["spec"]["predictor"]["model"]["storageUri"] == STABLE
 
 
-def test_shopml_deploy_dry_run_prints_the_patch_and_sends_nothing(
-    api: Any,
-    emulator: KubeEmulator,
-    tmp_path: Path,
-) -> None:
-    import typer
-
-    from shopml.cli_serving import deploy
-
-    deploy_kserve(STABLE, TARGET, api=api)
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
+def write_kubeconfig(path: Path, server: str) -> Path:
+    path.write_text(
         json.dumps(
             {
                 "apiVersion": "v1",
                 "kind": "Config",
-                "clusters": [{"name": "emu", "cluster": {"server": emulator.url}}],
+                "clusters": [{"name": "emu", "cluster": {"server": server}}],
                 "users": [{"name": "emu", "user": {}}],
                 "contexts": [
                     {"name": "emu", "context": {"cluster": "emu", "user": "emu"}}
@@ -251,15 +245,30 @@ def test_shopml_deploy_dry_run_prints_the_patch_and_sends_nothing(
             }
         )
     )
+    return path
+
+
+def invoke_deploy(*args: str) -> Any:
+    import typer
+
+    from shopml.cli_serving import deploy
+
     app = typer.Typer()
     app.command()(deploy)
+    return CliRunner().invoke(app, list(args))
 
-    result = CliRunner().invoke(
-        app,
-        [
-            "--storage-uri", CANARY_1, "--canary-percent", "25", "--dry-run",
-            "--kubeconfig", str(kubeconfig),
-        ],
+
+def test_shopml_deploy_dry_run_prints_the_patch_and_sends_nothing(
+    api: Any,
+    emulator: KubeEmulator,
+    tmp_path: Path,
+) -> None:
+    deploy_kserve(STABLE, TARGET, api=api)
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emulator.url)
+
+    result = invoke_deploy(
+        "--storage-uri", CANARY_1, "--canary-percent", "25", "--dry-run",
+        "--kubeconfig", str(kubeconfig),
     )  # fmt: skip
 
     assert result.exit_code == 0, result.output
@@ -269,6 +278,23 @@ def test_shopml_deploy_dry_run_prints_the_patch_and_sends_nothing(
     assert printed["stable"] == STABLE
     assert emulator.requests("PATCH") == []
     assert live(api)["spec"]["predictor"]["model"]["storageUri"] == STABLE
+
+
+def test_shopml_deploy_dry_run_with_a_failing_api_server_is_an_error_naming_it(
+    emulator: KubeEmulator, tmp_path: Path
+) -> None:
+    emulator.handler["get"] << 503
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emulator.url)
+
+    result = invoke_deploy(
+        "--storage-uri", CANARY_1, "--dry-run", "--kubeconfig", str(kubeconfig)
+    )
+
+    assert result.exit_code == 1, result.output
+    assert emulator.url in result.output
+    assert "503" in result.output
+    assert "would create" not in result.output  # no silent fallback to a create
+    assert emulator.requests("POST") == emulator.requests("PATCH") == []
 
 
 # --- the search InferenceService and its bundle -------------------------------------
@@ -340,7 +366,9 @@ def test_search_rollout_publishes_the_bundle_and_creates_the_exact_isvc(
     for relative, data in expected.items():
         assert s3_assets.store.get_bytes(prefix + relative) == data
     record = json.loads(s3_assets.store.get_bytes(prefix + "bundle.json"))
+    published_at = datetime.fromisoformat(record.pop("published_at"))
     assert record == {"model": model.ref, "index": index.ref, "version": bundle}
+    assert published_at.utcoffset() == timedelta(0)
     # Both models live (retention keeps them); both rollouts audited.
     for name, version in (("recommender", model), ("search-index", index)):
         pointer = json.loads(s3_assets.store.get_bytes(f"models/{name}/_live"))
@@ -418,3 +446,80 @@ def test_search_rollout_without_an_index_changes_nothing(
 
     assert emulator.requests("POST") == []
     assert s3_assets.store.list("serving/") == []
+
+
+def test_old_search_bundles_are_pruned_but_never_a_served_one(
+    api: Any, emulator: KubeEmulator, s3_assets: AssetStore, tmp_path: Path
+) -> None:
+    index = store_folder(s3_assets, "search-index", tmp_path / "i", INDEX_FILES)
+    bundles = []
+
+    def deploy_version(n: int) -> None:
+        files = {**MODEL_FILES, "model.pt": b"weights-%d" % n}
+        model = store_folder(s3_assets, "recommender", tmp_path / f"m{n}", files)
+        bundles.append(bundle_version(model.ref, index.ref))
+        deploy_model(
+            tmp_path, target="kserve", model_asset=model.ref, cluster=TARGET,
+            api=api, search=True, keep_search_bundles=1,
+        )  # fmt: skip
+
+    def stored() -> set[str]:
+        return {key.split("/")[2] for key in s3_assets.store.list("serving/search/")}
+
+    # Four versions, none promoted: the first bundle is still the stable one.
+    for n in range(1, 5):
+        deploy_version(n)
+    assert live(api, "search")["metadata"]["annotations"][
+        "shopml.io/stable-storage-uri"
+    ].endswith(bundles[0])
+    # Kept: the stable (1), the canary and newest (4), and the bundle of the
+    # recommender marked live before this deploy (3); 2 is served by nothing.
+    assert stored() == {bundles[0], bundles[2], bundles[3]}
+
+    # Once the canary is promoted, the old stable bundle goes at the next deploy.
+    assert KServeTraffic(api, search_target()).apply("promote") is True
+    deploy_version(5)
+    assert stored() == {bundles[3], bundles[4]}
+    assert s3_assets.audit is not None
+    deleted = [
+        e.asset for e in s3_assets.audit.events() if e.action == "deploy.bundle.delete"
+    ]
+    assert deleted == [f"search-bundle@{bundles[i]}" for i in (1, 0, 2)]
+
+
+def test_shopml_bundles_prune_reads_the_cluster_and_spares_what_it_serves(
+    api: Any, emulator: KubeEmulator, s3_assets: AssetStore, tmp_path: Path
+) -> None:
+    import typer
+
+    from shopml.cli_serving import bundles_app
+
+    index = store_folder(s3_assets, "search-index", tmp_path / "i", INDEX_FILES)
+    bundles = []
+    for n in range(1, 4):
+        files = {**MODEL_FILES, "model.pt": b"weights-%d" % n}
+        model = store_folder(s3_assets, "recommender", tmp_path / f"m{n}", files)
+        bundles.append(bundle_version(model.ref, index.ref))
+        deploy_model(
+            tmp_path, target="kserve", model_asset=model.ref, cluster=TARGET,
+            api=api, search=True, keep_search_bundles=10,
+        )  # fmt: skip
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emulator.url)
+    app = typer.Typer()
+    app.add_typer(bundles_app, name="bundles")
+    prune = ["bundles", "prune", "--keep", "1", "--kubeconfig", str(kubeconfig)]
+
+    planned = CliRunner().invoke(app, [*prune, "--dry-run"])
+    keys_before = s3_assets.store.list("serving/search/")
+    done = CliRunner().invoke(app, prune)
+
+    assert planned.exit_code == 0, planned.output
+    first, second = planned.output.splitlines()[:2]
+    assert first == "would delete 1 search bundle(s)"
+    assert second.startswith(f"  search-bundle@{bundles[1]} (recommender@")
+    assert {key.split("/")[2] for key in keys_before} == set(bundles)  # dry run
+    assert done.exit_code == 0, done.output
+    assert done.output.startswith("deleted 1 search bundle(s)")
+    remaining = {key.split("/")[2] for key in s3_assets.store.list("serving/search/")}
+    # 1 is the stable bundle, 3 the canary: both served, so both stay.
+    assert remaining == {bundles[0], bundles[2]}
