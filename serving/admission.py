@@ -31,10 +31,11 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEFAULT_MAX_BODY_BYTES = 256 * 1024
-# Measured on a quiet core (make bench-serve, 100k items, 300 req/s offered, the server
-# sustaining ~600/s): a limit of 16 shed 43% of that load, since arrivals come in
-# bursts; 64 shed none, and 10x overload is still shed with 503s. Accepted requests
-# then wait longer under overload (p50 ~0.2 s): lower --max-in-flight to trade.
+# Room for bursts: with Locust, whose users sent in bursts of ~30, a limit of 16 shed
+# 43% of 300 req/s (100k items); with evenly spaced arrivals (wrk, make bench-serve)
+# 16 shed none. 64 keeps bursty clients unshed, and 10x overload is still shed with
+# 503s; accepted requests then wait longer under overload (p50 ~0.12 s at 10x): lower
+# --max-in-flight to trade.
 DEFAULT_MAX_IN_FLIGHT = 64
 _INFERENCE_SUFFIXES = (":predict", ":explain", "/infer")
 

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferInput, InferRequest
@@ -101,17 +102,35 @@ def test_a_failing_request_does_not_fail_its_batch_neighbours() -> None:
     assert "negative row in [-1]" in str(failed)
 
 
-def test_batches_run_off_the_event_loop_thread() -> None:
+@pytest.mark.parametrize("inline", [False, True])
+def test_batches_run_on_the_worker_thread_or_inline(inline: bool) -> None:
     threads: list[str] = []
 
     def record(rows: list[int]) -> list[int]:
         threads.append(threading.current_thread().name)
         return rows
 
-    batcher = MicroBatcher(record, max_wait_ms=0)
+    batcher = MicroBatcher(record, max_wait_ms=0, inline=inline)
     asyncio.run(batcher.submit([1]))
 
-    assert threads and threads[0] != threading.current_thread().name
+    on_loop_thread = threads[0] == threading.current_thread().name
+    assert on_loop_thread is inline
+
+
+def test_inline_batcher_batches_requests_that_queue_together() -> None:
+    calls: list[list[int]] = []
+
+    def record(rows: list[int]) -> list[int]:
+        calls.append(rows)
+        return [-row for row in rows]
+
+    batcher = MicroBatcher(record, max_wait_ms=0, inline=True)
+
+    async def burst() -> list[list[int]]:
+        return await asyncio.gather(*(batcher.submit([i]) for i in range(4)))
+
+    assert asyncio.run(burst()) == [[0], [-1], [-2], [-3]]
+    assert calls == [[0, 1, 2, 3]]
 
 
 def test_batcher_rejects_bad_settings() -> None:
@@ -200,6 +219,57 @@ def test_rank_items_pads_to_the_longest_history_with_the_same_scores(
         items, scores = ranked[row]
         assert items == top.indices.tolist()
         assert scores == pytest.approx(top.values.tolist(), abs=1e-5)
+
+
+def test_batched_rows_rank_as_each_row_alone(artifact_dir: Path) -> None:
+    # One row is multiplied by torch, two or more by numpy: the answers must agree.
+    from shopml.artifact import load_model_artifact
+
+    artifact = load_model_artifact(artifact_dir)
+    histories = [[3, 7], [], [1, 4, 9, 12, 5], [8]]
+    ks = [4, 6, 5, 3]
+
+    batched = rank_items(artifact, histories, ks, excluded=[[], [2], [], [30]])
+    alone = [
+        rank_items(artifact, [history], [k], excluded=[blocked])[0]
+        for history, k, blocked in zip(histories, ks, [[], [2], [], [30]], strict=True)
+    ]
+
+    for (items, scores), (alone_items, alone_scores) in zip(
+        batched, alone, strict=True
+    ):
+        assert items == alone_items
+        assert scores == pytest.approx(alone_scores, abs=1e-5)
+    assert [len(items) for items, _ in batched] == ks
+    assert 2 not in batched[1][0] and 30 not in batched[3][0]
+
+
+def test_item_scorer_is_built_once_per_artifact(artifact_dir: Path) -> None:
+    from serving.ranking import item_scorer
+    from shopml.artifact import load_model_artifact
+
+    artifact = load_model_artifact(artifact_dir)
+    other = load_model_artifact(artifact_dir)
+
+    assert item_scorer(artifact) is item_scorer(artifact)
+    assert item_scorer(other) is not item_scorer(artifact)
+    assert item_scorer(artifact).table.shape == (31, 32)  # [N, H]
+
+
+def test_empty_history_rows_rank_by_popularity_beside_model_rows(
+    artifact_dir: Path,
+) -> None:
+    from shopml.artifact import load_model_artifact
+
+    artifact = load_model_artifact(artifact_dir)
+    expected = [int(i) for i in np.argsort(-artifact.popularity[1:], kind="stable")[:5]]
+
+    [(_, _), (items, scores)] = rank_items(artifact, [[3], []], [5, 5])
+
+    assert items == [index + 1 for index in expected]
+    assert scores == pytest.approx(
+        [float(artifact.popularity[i]) for i in items], abs=1e-6
+    )
 
 
 def test_category_filter_without_catalog_is_a_400(artifact_dir: Path) -> None:
