@@ -30,11 +30,11 @@ install: $(STAMP) ## Create .venv and install shopml with pinned dependencies
 run: install ## Run the whole lifecycle on MovieLens-100K and show the results
 	$(BIN)/shopml run
 
-services: ## Install the services the tests start on 127.0.0.1 (redis-server)
-	@command -v redis-server >/dev/null 2>&1 || { \
+services: ## Install what the tests start on 127.0.0.1 (redis-server) and the load generator (wrk)
+	@{ command -v redis-server && command -v wrk; } >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
-	  else echo "redis-server is needed by the tests: install it (e.g. apt-get install redis-server)"; exit 1; fi; }
+	    apt-get update -qq && apt-get install -y -qq redis-server wrk >/dev/null; \
+	  else echo "redis-server and wrk are needed by the tests: install them (e.g. apt-get install redis-server wrk)"; exit 1; fi; }
 
 test: install services lint typecheck ## Lint, type-check and run every test but the slow ones
 	$(BIN)/pytest -m "not slow"
@@ -74,7 +74,7 @@ bench-features: install services ## p50/p99 of one user's serving features from 
 bench-search: install ## p50/p99 of one search query over 100k items, through the server
 	$(BIN)/python benchmarks/bench_search.py
 
-bench-serve: install services ## Recommender load test on 127.0.0.1 (locust): top-10 at 300 req/s, 10x overload, recovery
+bench-serve: install services ## Recommender load test on 127.0.0.1 (wrk, open-loop fixed rate): top-10 at 300 req/s, 10x overload, recovery
 	$(BIN)/python benchmarks/bench_serve.py
 
 bench-train: install ## Our SASRec vs RecBole's on the same MovieLens-100K split (RecBole in its own venv)
