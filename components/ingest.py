@@ -29,6 +29,7 @@ from shopml.assets import AssetStore
 from shopml.clean_events import PARQUET_OPTIONS
 from shopml.datasets import fetch_movielens_100k, iter_table_file
 from shopml.lineage import LineageDataset, parquet_dataset, start_run
+from shopml.processing import prefetch
 from shopml.schemas import SOURCE_FILE, SOURCE_ROW, classify_columns, coerce_table
 
 logger = logging.getLogger(__name__)
@@ -172,15 +173,21 @@ def _stream_files(
     return rows, inputs
 
 
+#: Chunks read ahead of the writer (each up to ``shopml.datasets.CHUNK_ROWS`` rows).
+PREFETCH_CHUNKS = 1
+
+
 def _write_chunks(chunks: Iterator[pa.Table], target: Path) -> int:
     """Write chunks of one schema to a Parquet file; returns the row count.
 
-    One chunk is held at a time, so memory does not grow with the file.
+    The next chunk is read (and coerced) in a thread while this one is written, so
+    reading and writing use a core each; at most :data:`PREFETCH_CHUNKS` + 2 chunks
+    are held, so memory does not grow with the file.
     """
     total = 0
     writer: pq.ParquetWriter | None = None
     try:
-        for chunk in chunks:
+        for chunk in prefetch(chunks, PREFETCH_CHUNKS):
             if writer is None:
                 writer = pq.ParquetWriter(target, chunk.schema, **PARQUET_OPTIONS)
             writer.write_table(chunk.cast(writer.schema))

@@ -2,25 +2,30 @@
 
 Events are never held whole. :func:`clean_events` works in three steps:
 
-1. **Partition** (one streaming pass over the raw Parquet file in record batches):
-   every distinct raw user id is normalized and pseudonymized once per run
+1. **Partition** (one streaming pass over the raw Parquet file in record batches,
+   its row groups shared among ``CleanConfig.partition_threads`` threads): every
+   distinct raw user id is normalized and pseudonymized once per thread
    (:meth:`shopml.security.Pseudonymizer.pseudonymize_many`; later batches find it
-   by a hash join on the ids seen), and each row goes to the bucket file (Arrow IPC)
+   in a bounded cache), and each row goes to the bucket (Arrow IPC files)
    of its pseudonym. Buckets are *ranges* of the pseudonym
    (its first 32 bits times ``P``, shifted right by 32), so all events of a user
    share a bucket and the buckets, in order, follow the pseudonym order. ``P`` keeps
    each bucket near ``CleanConfig.rows_per_bucket`` rows.
 2. **Clean** each bucket as one task of a Dask graph (:mod:`shopml.processing`):
    row checks vectorized with pyarrow, then exact duplicates, near duplicates and bot
-   users on integer codes of the columns (dense ranks, packed into as few int64
-   sort keys as possible; one sort gives the curated order, the duplicates and the
+   users on integer codes of the columns (:class:`BucketSort`: the user's dense rank
+   and the timestamp for every row, the other columns ranked only where two rows
+   share user and timestamp; one sort gives the curated order, the duplicates and the
    bots' busiest minutes, see :mod:`shopml.quality`); free text is masked
    once per distinct value, and only where a cheap filter finds a digit or an ``@``
    (nothing without one can be a card, email, phone or address). A task writes its
    curated and quarantined rows as IPC parts and returns their counts.
 3. **Merge** the parts in bucket order into ``events.parquet`` (curated) and the
    quarantine file, in row groups of a fixed size, so the files do not depend on
-   ``P`` or on the scheduler.
+   ``P`` or on the scheduler. The merge follows the tasks as they finish
+   (:func:`shopml.processing.iter_task_results`), so writing Parquet overlaps with
+   cleaning the later buckets; the partition pass reads its next batch in a thread
+   (:func:`shopml.processing.prefetch`) while it splits the current one.
 
 Row order: curated events are sorted by ``user_id`` (the pseudonym), ``timestamp``,
 ``item_id``, ``event_type``, then every other column; equal to the order the stage
@@ -28,21 +33,23 @@ had when it sorted one whole table. Quarantined events are in bucket order, and 
 raw order (``source_row``) within a bucket. The same input gives byte-identical
 files.
 
-Memory: one record batch and the ids pseudonymized so far (at most
-``_CACHE_LIMIT``, then the cache starts afresh) in the partition pass, one bucket per
-running task in the clean step, one row group in the merge; none grows with the
-input beyond that cap (one user's events do share a bucket: a single user with tens
-of millions of events makes a large one).
+Memory: two record batches (one read ahead) and the ids pseudonymized so far (two
+generations of at most ``_CACHE_LIMIT``, recently used ones kept) in the partition
+pass, one bucket per running task in the clean step, one row group per output in
+the merge (which runs beside the clean step); none grows with the input (one
+user's events do share a bucket: a single user with tens of millions of events
+makes a large one).
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from itertools import compress
 from pathlib import Path
 
@@ -60,9 +67,8 @@ from shopml.clean_rules import (
     strip_blank,
     unparsed_mask,
 )
-from shopml.datasets import iter_parquet_batches
 from shopml.pii import mask_values
-from shopml.processing import count_buckets, run_tasks
+from shopml.processing import count_buckets, iter_task_results, prefetch
 from shopml.quality import (
     flag_bot_users,
     flag_duplicates,
@@ -78,6 +84,8 @@ logger = logging.getLogger(__name__)
 SORT_KEYS: tuple[str, ...] = ("user_id", "timestamp", "item_id", "event_type")
 #: Rows read per record batch in the partition pass.
 BATCH_ROWS = 262_144
+#: Threads of the partition pass by default (``CleanConfig.partition_threads``).
+PARTITION_THREADS = 2
 #: Rows per row group of the merged Parquet files.
 ROW_GROUP_ROWS = 1_000_000
 #: Parquet options of the files the stage writes (fixed: the store versions content).
@@ -88,8 +96,9 @@ _POSITION = "_position"
 _PSEUDONYM = "_pseudonym"
 # Text that may hold personal data has a digit (cards, phones, house numbers) or an @.
 _MAY_HOLD_PII = r"[\p{Nd}@]"
-# Distinct raw ids remembered between batches before the cache starts afresh.
-_CACHE_LIMIT = 2_000_000
+# Distinct raw ids per generation of the pseudonym cache (two are held, see
+# _PseudonymCache): about 50 MiB, whatever the number of users.
+_CACHE_LIMIT = 262_144
 
 
 @dataclass(frozen=True)
@@ -164,7 +173,11 @@ def clean_events(
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         buckets = partition_events(
-            raw_path, work_dir / "buckets", n_buckets, pseudonymizer
+            raw_path,
+            work_dir / "buckets",
+            n_buckets,
+            pseudonymizer,
+            threads=config.partition_threads,
         )
         items_path = work_dir / "items.arrow"
         _write_ipc(pa.table({"item_id": item_ids.cast(pa.string())}), items_path)
@@ -173,15 +186,21 @@ def clean_events(
         parts = work_dir / "parts"
         parts.mkdir(exist_ok=True)
         arguments = [(str(path), str(parts), rules) for path in buckets]
-        results = run_tasks(
+        done = iter_task_results(
             clean_bucket, arguments, address=dask_address, scheduler=config.scheduler
         )
-        kept = merge_parts(
-            [parts / f"{p.stem}.curated.arrow" for p in buckets], curated_path
-        )
-        rejected = merge_parts(
-            [parts / f"{p.stem}.quarantine.arrow" for p in buckets], quarantine_path
-        )
+        # Each bucket's parts are merged as soon as the buckets before it are done,
+        # while the later buckets are being cleaned.
+        results = []
+        with (
+            _PartMerger(curated_path) as curated,
+            _PartMerger(quarantine_path) as quarantined,
+        ):
+            for path, result in zip(buckets, done, strict=True):
+                curated.add(parts / f"{path.stem}.curated.arrow")
+                quarantined.add(parts / f"{path.stem}.quarantine.arrow")
+                results.append(result)
+        kept, rejected = curated.rows, quarantined.rows
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -239,54 +258,86 @@ def bucket_of(pseudonym: str, n_buckets: int) -> int:
     return (int(pseudonym[2:10], 16) * n_buckets) >> 32
 
 
-class _PseudonymCache:
-    """Raw user id (trimmed) -> (pseudonym, bucket), each computed once.
+class _Generation:
+    """Raw ids (trimmed) -> positions in Arrow/numpy arrays of pseudonyms and buckets."""
 
-    A dict maps every id seen to its position in Arrow/numpy arrays of pseudonyms
+    def __init__(self) -> None:
+        self.positions: dict[str, int] = {}
+        self.pseudonyms: list[pa.Array] = []
+        self.buckets = np.empty(0, dtype=np.int64)
+
+    def find(self, ids: list[str]) -> np.ndarray:
+        """Positions of ``ids``, -1 for ids not held."""
+        get = self.positions.get
+        return np.fromiter((get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+
+    def add(self, ids: list[str], pseudonyms: pa.Array, buckets: np.ndarray) -> None:
+        first = len(self.positions)
+        self.positions.update(zip(ids, range(first, first + len(ids)), strict=True))
+        self.pseudonyms.append(pseudonyms)
+        self.buckets = np.concatenate([self.buckets, buckets])
+
+    def take(self, positions: np.ndarray) -> tuple[pa.Array, np.ndarray]:
+        # One array of every pseudonym held; the chunks are joined once per batch.
+        if len(self.pseudonyms) > 1:
+            self.pseudonyms = [pa.concat_arrays(self.pseudonyms)]
+        return self.pseudonyms[0].take(pa.array(positions)), self.buckets[positions]
+
+
+class _PseudonymCache:
+    """Raw user id (trimmed) -> (pseudonym, bucket), each computed once while held.
+
+    A dict maps every id held to its position in Arrow/numpy arrays of pseudonyms
     and buckets, so a batch costs one probe per distinct id of the batch, whatever
-    the number of users seen before (a hash join against all of them would grow
-    with the users). Only ids not seen before are pseudonymized, in bulk
+    the number of users held (a hash join against all of them would grow with the
+    users). Only ids not held are pseudonymized, in bulk
     (:meth:`~shopml.security.Pseudonymizer.pseudonymize_many`).
+
+    Memory is bounded by two generations of at most :data:`_CACHE_LIMIT` ids: when
+    the current one is full it becomes the previous one, and an id found only in
+    the previous generation moves to the current one, so ids in recent use are kept
+    (an approximate LRU) and the cache does not grow with the number of users.
     """
 
     def __init__(self, pseudonymizer: Pseudonymizer, n_buckets: int) -> None:
         self.pseudonymizer = pseudonymizer
         self.n_buckets = n_buckets
-        self._forget()
-
-    def _forget(self) -> None:
-        self.positions: dict[str, int] = {}
-        self.pseudonyms: list[pa.Array] = []
-        self.buckets = np.empty(0, dtype=np.int64)
+        self.current, self.previous = _Generation(), _Generation()
 
     def lookup(self, raw_ids: pa.Array) -> tuple[pa.Array, np.ndarray]:
         """Pseudonyms and buckets of distinct, non-null raw ids, in their order."""
-        if len(self.positions) > _CACHE_LIMIT:
-            self._forget()
+        if len(self.current.positions) > _CACHE_LIMIT:
+            self.current, self.previous = _Generation(), self.current
         ids = raw_ids.to_pylist()
-        get = self.positions.get
-        found = np.fromiter((get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+        found = self.current.find(ids)
         is_new = found < 0
         if is_new.any():
-            found[is_new] = self._learn(list(compress(ids, is_new)))
-        # One array of every pseudonym so far; the chunks are joined once per batch.
-        if len(self.pseudonyms) > 1:
-            self.pseudonyms = [pa.concat_arrays(self.pseudonyms)]
-        return self.pseudonyms[0].take(pa.array(found)), self.buckets[found]
+            new_ids = list(compress(ids, is_new))
+            first = len(self.current.positions)
+            self._learn(new_ids)
+            found[is_new] = np.arange(first, first + len(new_ids), dtype=np.int64)
+        return self.current.take(found)
 
-    def _learn(self, new_ids: list[str]) -> np.ndarray:
-        """Pseudonymize ids not seen before; returns their positions."""
-        digests = self.pseudonymizer.pseudonymize_many(new_ids)
-        # The bucket is a range of the first 32 bits (see bucket_of).
-        heads = np.frombuffer(b"".join(d[:4] for d in digests), dtype=">u4")
-        buckets = (heads.astype(np.uint64) * np.uint64(self.n_buckets)) >> np.uint64(32)
-        first = len(self.positions)
-        self.positions.update(
-            zip(new_ids, range(first, first + len(new_ids)), strict=True)
-        )
-        self.pseudonyms.append(pa.array(pseudonym_texts(digests), pa.string()))
-        self.buckets = np.concatenate([self.buckets, buckets.astype(np.int64)])
-        return np.arange(first, first + len(new_ids), dtype=np.int64)
+    def _learn(self, new_ids: list[str]) -> None:
+        """Add ids the current generation lacks: from the previous one, or computed."""
+        held = self.previous.find(new_ids)
+        is_held = held >= 0
+        pseudonyms = pa.nulls(len(new_ids), pa.string())
+        buckets = np.zeros(len(new_ids), dtype=np.int64)
+        if is_held.any():
+            moved, moved_buckets = self.previous.take(held[is_held])
+            pseudonyms = pc.replace_with_mask(pseudonyms, pa.array(is_held), moved)
+            buckets[is_held] = moved_buckets
+        if not is_held.all():
+            fresh = list(compress(new_ids, ~is_held))
+            digests = self.pseudonymizer.pseudonymize_many(fresh)
+            # The bucket is a range of the first 32 bits (see bucket_of).
+            heads = np.frombuffer(b"".join(d[:4] for d in digests), dtype=">u4")
+            n = np.uint64(self.n_buckets)
+            buckets[~is_held] = (heads.astype(np.uint64) * n) >> np.uint64(32)
+            texts = pa.array(pseudonym_texts(digests), pa.string())
+            pseudonyms = pc.replace_with_mask(pseudonyms, pa.array(~is_held), texts)
+        self.current.add(new_ids, pseudonyms, buckets)
 
 
 def partition_events(
@@ -295,32 +346,103 @@ def partition_events(
     n_buckets: int,
     pseudonymizer: Pseudonymizer,
     batch_rows: int = BATCH_ROWS,
+    *,
+    threads: int = PARTITION_THREADS,
 ) -> list[Path]:
-    """Split raw events into bucket files by the pseudonym of their user.
+    """Split raw events into bucket folders by the pseudonym of their user.
+
+    The raw file's row groups are shared out, in file order, among up to
+    ``threads`` threads; each writes ``<way>.arrow`` into every bucket folder, so a
+    bucket read way after way (:func:`read_bucket`) is in raw order. The heavy steps
+    (Parquet decoding, take, IPC writes) release the GIL.
 
     Args:
         raw_path: the raw events Parquet file.
-        bucket_dir: folder for ``bucket-<n>.arrow`` (created).
+        bucket_dir: folder for the ``bucket-<n>`` folders (created).
         n_buckets: number of buckets.
         pseudonymizer: maps raw user ids to pseudonyms.
         batch_rows: rows read at a time.
+        threads: most threads to split the file with (one per share of row groups).
 
     Returns:
-        The bucket files, in bucket order. Each holds the raw columns plus the row's
-        position in the raw file and its pseudonym (null for a blank user id), rows in
-        raw order.
+        The bucket folders, in bucket order. A bucket holds the raw columns plus the
+        row's position in the raw file and its pseudonym (null for a blank user id).
+
+    Raises:
+        ValueError: ``threads`` is below 1.
     """
-    bucket_dir.mkdir(parents=True, exist_ok=True)
+    if threads < 1:
+        raise ValueError(f"partition threads={threads} must be at least 1")
     parquet = pq.ParquetFile(raw_path)
+    sizes = [
+        parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)
+    ]
+    firsts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    ways = max(1, min(threads, len(sizes)))
+    shares = [share.tolist() for share in np.array_split(np.arange(len(sizes)), ways)]
+
+    paths = [bucket_dir / f"bucket-{b:05d}" for b in range(n_buckets)]
+    for path in paths:
+        path.mkdir(parents=True, exist_ok=True)
+    jobs = [
+        _Share(raw_path, groups, int(firsts[groups[0]]) if groups else 0, way)
+        for way, groups in enumerate(shares)
+    ]
+    split = partial(
+        _partition_share,
+        paths=paths,
+        pseudonymizer=pseudonymizer,
+        batch_rows=batch_rows,
+    )
+    if ways == 1:
+        rows = [split(jobs[0])]
+    else:
+        with ThreadPoolExecutor(ways, thread_name_prefix="shopml-partition") as pool:
+            rows = list(pool.map(split, jobs))
+    logger.debug("partitioned %d events into %d buckets", sum(rows), n_buckets)
+    return paths
+
+
+@dataclass(frozen=True)
+class _Share:
+    """Row groups of the raw file one partition thread splits.
+
+    Attributes:
+        raw_path: the raw events file.
+        row_groups: the row groups, consecutive, in file order.
+        first_row: position in the raw file of the share's first row.
+        way: the share's number: its file in every bucket folder is ``<way>.arrow``.
+    """
+
+    raw_path: Path
+    row_groups: list[int]
+    first_row: int
+    way: int
+
+
+def _partition_share(
+    share: _Share, *, paths: list[Path], pseudonymizer: Pseudonymizer, batch_rows: int
+) -> int:
+    """Split one share of row groups into the buckets; returns its row count."""
+    parquet = pq.ParquetFile(share.raw_path)
     schema = parquet.schema_arrow.append(pa.field(_POSITION, pa.int64()))
     schema = schema.append(pa.field(_PSEUDONYM, pa.string()))
-    paths = [bucket_dir / f"bucket-{b:05d}.arrow" for b in range(n_buckets)]
+    n_buckets = len(paths)
     cache = _PseudonymCache(pseudonymizer, n_buckets)
+    batches = (
+        batch
+        for group in share.row_groups
+        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group])
+    )
 
     with ExitStack() as stack:
-        writers = [stack.enter_context(pa.ipc.new_file(str(p), schema)) for p in paths]
-        offset = 0
-        for batch in iter_parquet_batches(parquet, batch_rows):
+        writers = [
+            stack.enter_context(pa.ipc.new_file(str(p / f"{share.way}.arrow"), schema))
+            for p in paths
+        ]
+        offset = share.first_row
+        # The next batch is read and decoded in a thread while this one is split.
+        for batch in prefetch(batches, 1):
             table, buckets = _assign_buckets(batch, offset, cache)
             offset += batch.num_rows
             if n_buckets == 1:
@@ -337,8 +459,15 @@ def partition_events(
             for bucket, (start, end) in enumerate(zip(starts, ends, strict=True)):
                 if end > start:
                     writers[bucket].write_table(table.slice(start, end - start))
-    logger.debug("partitioned %d events into %d buckets", offset, n_buckets)
-    return paths
+    return offset - share.first_row
+
+
+def read_bucket(path: Path) -> pa.Table:
+    """The rows of one bucket folder from :func:`partition_events`, in raw order."""
+    files = sorted(path.glob("*.arrow"), key=lambda file: int(file.stem))
+    if not files:
+        raise FileNotFoundError(f"bucket folder {path} holds no <way>.arrow files")
+    return pa.concat_tables([_read_ipc(file) for file in files])
 
 
 def _assign_buckets(
@@ -366,27 +495,29 @@ def clean_bucket(bucket_path: str, parts_dir: str, rules: BucketRules) -> Bucket
     ``<bucket>.curated.arrow`` and ``<bucket>.quarantine.arrow`` into ``parts_dir``.
 
     Args:
-        bucket_path: a bucket file from :func:`partition_events`.
+        bucket_path: a bucket folder from :func:`partition_events`.
         parts_dir: folder of the part files.
         rules: the checks' parameters.
 
     Returns:
         The bucket's counts, reasons and repairs.
     """
-    raw = _read_ipc(Path(bucket_path))
+    raw = read_bucket(Path(bucket_path))
     items = _read_ipc(Path(rules.items_path)).column("item_id")
     frame, padded = _event_frame(raw)
     reasons = RowReasons(raw.num_rows)
-    repairs = _check_rows(raw, frame, reasons, items, rules)
-    codes = {name: rank_codes(frame[name]) for name in _sort_order(frame)}
-    order = _check_repeats(frame, codes, reasons, rules.config)
+    # Distinct items once: for the catalog check and the near-duplicate groups.
+    item_ids = pc.dictionary_encode(frame["item_id"])
+    repairs = _check_rows(raw, frame, reasons, (item_ids, items), rules)
+    ordered = sort_bucket(frame)
+    _check_repeats(frame, ordered, reasons, group_codes(item_ids), rules.config)
     masked, mask_repairs = mask_free_text(frame)
     repairs |= mask_repairs | {"whitespace": padded}
 
     is_bad = ~reasons.is_ok
     bad_rows = np.flatnonzero(is_bad)
     quarantine = quarantine_rows(raw, is_bad, reasons.labels(bad_rows))
-    curated = _curate(frame, masked, codes, order, reasons.is_ok)
+    curated = _curate(frame, masked, ordered, reasons.is_ok)
 
     stem = Path(bucket_path).stem
     _write_ipc(curated, Path(parts_dir) / f"{stem}.curated.arrow")
@@ -429,10 +560,13 @@ def _check_rows(
     raw: pa.Table,
     frame: dict[str, pa.Array],
     reasons: RowReasons,
-    items: pa.ChunkedArray,
+    items: tuple[pa.DictionaryArray, pa.ChunkedArray],
     rules: BucketRules,
 ) -> dict[str, int]:
-    """The checks that look at one row at a time, in the order reasons are given."""
+    """The checks that look at one row at a time, in the order reasons are given.
+
+    ``items`` holds the bucket's item ids (dictionary-encoded) and the catalog's.
+    """
     reasons.flag(unparsed_mask(raw, "row"), "unreadable_row")
     for name in ("user_id", "item_id", "event_type"):
         reasons.flag(pc.is_null(frame[name]), f"null_{name}")
@@ -451,38 +585,145 @@ def _check_rows(
     reasons.flag(pc.greater(timestamps, latest), "future_timestamp")
     floor = pa.scalar(config.timestamp_floor, TIMESTAMP_TYPE)
     reasons.flag(pc.less(timestamps, floor), "early_timestamp")
-    is_listed = pc.is_in(frame["item_id"], value_set=items.combine_chunks())
-    reasons.flag(pc.invert(is_listed), "unknown_item")
+    # Each distinct item is looked up once; rows take their item's answer.
+    item_ids, catalog = items
+    is_listed = pc.is_in(item_ids.dictionary, value_set=catalog.combine_chunks())
+    is_listed = np.append(np.asarray(is_listed, dtype=bool), False)
+    reasons.flag(~is_listed[group_codes(item_ids)], "unknown_item")
     return {"event_type": int(repaired)}
+
+
+@dataclass(frozen=True)
+class BucketSort:
+    """A bucket's rows in the curated sort, and the integer codes it sorts by.
+
+    Rows rarely share a user and a timestamp, so only the two lead keys are coded
+    for every row (the user's dense rank, and the timestamp in microseconds); the
+    other sort columns are ranked only among the rows that share their lead keys
+    with another row (``is_tied``), which is all the sort and the duplicate check
+    ever compare them on.
+
+    Attributes:
+        names: the sort columns, :data:`SORT_KEYS` first (see :func:`_sort_order`).
+        keys: one int64 code array per name, over every row; equal values, equal
+            codes, in value order. Past the lead keys, codes are 0 outside
+            ``is_tied``.
+        is_tied: rows whose user and timestamp another row of the bucket shares.
+        order: every row in the curated sort, ties in raw order.
+    """
+
+    names: list[str]
+    keys: list[np.ndarray]
+    is_tied: np.ndarray
+    order: np.ndarray
+
+
+#: Sort columns coded for every row (see :class:`BucketSort`).
+_LEAD_KEYS = 2
+
+
+def sort_bucket(frame: dict[str, pa.Array]) -> BucketSort:
+    """Sort a bucket's rows into the curated order (see :class:`BucketSort`)."""
+    names = _sort_order(frame)
+    users = rank_codes(frame["user_id"])
+    lead = [users, _time_keys(frame["timestamp"], users)]
+    order = sort_rows(lead)
+    is_tied = _shares_previous(lead, order)
+    rest = [tied_codes(frame[name], is_tied) for name in names[_LEAD_KEYS:]]
+    keys = lead + rest
+    if is_tied.any():
+        # Runs of equal lead keys are contiguous; sort each by every key (stable).
+        spots = np.flatnonzero(is_tied[order])
+        runs = order[spots]
+        order[spots] = runs[np.lexsort([key[runs] for key in keys[::-1]])]
+    return BucketSort(names, keys, is_tied, order)
+
+
+def _time_keys(timestamps: pa.Array, users: np.ndarray) -> np.ndarray:
+    """Codes of timestamps that sort like them: microseconds, or dense ranks when
+    the microseconds' span would not pack with the users' into one sort key."""
+    values = timestamps.cast(pa.int64())
+    top = pc.max(values).as_py()
+    if top is None:
+        return np.zeros(len(values), dtype=np.int64)
+    # Missing timestamps sort last (such rows are quarantined before any sort).
+    micros = np.asarray(pc.fill_null(values, top + 1).to_numpy(zero_copy_only=False))
+    span = top + 2 - int(micros.min())
+    if span * (int(users.max()) + 1) >= 2**62:
+        return rank_codes(timestamps)
+    return micros
+
+
+def _shares_previous(keys: list[np.ndarray], order: np.ndarray) -> np.ndarray:
+    """Rows equal in every key to a neighbour in ``order`` (a boolean mask)."""
+    is_tied = np.zeros(len(order), dtype=bool)
+    if len(order) < 2:
+        return is_tied
+    same = np.ones(len(order) - 1, dtype=bool)
+    for key in keys:
+        column = key[order]
+        same &= column[1:] == column[:-1]
+    is_tied[order[1:][same]] = True
+    is_tied[order[:-1][same]] = True
+    return is_tied
+
+
+def tied_codes(column: pa.Array, is_tied: np.ndarray) -> np.ndarray:
+    """:func:`rank_codes` of ``column`` among the rows in ``is_tied``, 0 elsewhere.
+
+    Ranks among a subset of rows keep the values' order and equality within it.
+    """
+    codes = np.zeros(len(is_tied), dtype=np.int64)
+    rows = np.flatnonzero(is_tied)
+    if len(rows):
+        codes[rows] = rank_codes(column.take(pa.array(rows)))
+    return codes
+
+
+def group_codes(column: pa.Array) -> np.ndarray:
+    """Integer codes of a column's values: equal values, equal codes (any order).
+
+    Args:
+        column: any array; a dictionary array's indices are used as they are.
+
+    Returns:
+        int64 codes; nulls get ``len(dictionary)``.
+    """
+    is_encoded = isinstance(column, pa.DictionaryArray)
+    encoded = column if is_encoded else pc.dictionary_encode(column)
+    indices = pc.fill_null(encoded.indices, len(encoded.dictionary))
+    return np.asarray(indices.to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
 def _check_repeats(
     frame: dict[str, pa.Array],
-    codes: dict[str, np.ndarray],
+    ordered: BucketSort,
     reasons: RowReasons,
+    item_codes: np.ndarray,
     config: CleanConfig,
-) -> np.ndarray:
-    """Exact duplicates, near duplicates and bot users, among rows still in play.
-
-    Returns:
-        Every row in the curated sort (ties in raw order), for :func:`_curate`.
-    """
-    order = sort_rows(list(codes.values()))
-    is_duplicate = flag_duplicates(list(codes.values()), reasons.is_ok, order)
+) -> None:
+    """Exact duplicates, near duplicates and bot users, among rows still in play."""
+    # Rows equal in every column share user and timestamp: only tied rows compare.
+    is_duplicate = flag_duplicates(
+        ordered.keys, reasons.is_ok & ordered.is_tied, ordered.order
+    )
     reasons.flag(is_duplicate, "duplicate")
+
     micros = _micros(frame["timestamp"])
-    keys = [codes["user_id"], codes["item_id"], codes["event_type"]]
+    users = ordered.keys[0]
+    keys = [users, item_codes, group_codes(frame["event_type"])]
     window = config.near_duplicate_window_s
+    # The curated order lists each user's rows by time, so each (user, item, type)
+    # group's rows too.
     is_near = flag_near_duplicates(
-        keys, micros, reasons.is_ok, window, time_codes=codes["timestamp"]
+        keys, micros, reasons.is_ok, window, time_order=ordered.order
     )
     reasons.flag(is_near, "near_duplicate")
     per_minute = config.bot_events_per_minute
     is_bot = flag_bot_users(
-        codes["user_id"], micros, reasons.is_ok, per_minute, order=order
+        users, micros, reasons.is_ok, per_minute, order=ordered.order
     )
     reasons.flag(is_bot, "bot_user")
-    return order
 
 
 def _micros(timestamps: pa.Array) -> np.ndarray:
@@ -542,6 +783,9 @@ def mask_free_text(
     repairs: dict[str, int] = {}
     for name in [n for n in frame if n not in structured]:
         column = frame[name]
+        repairs[f"masked_{name}"] = 0
+        if column.null_count == len(column):
+            continue  # nothing to mask (and no regex to compile)
         candidates = pc.fill_null(
             pc.match_substring_regex(column, _MAY_HOLD_PII), False
         )
@@ -567,25 +811,25 @@ def mask_free_text(
 def _curate(
     frame: dict[str, pa.Array],
     masked: dict[str, pa.Array],
-    codes: dict[str, np.ndarray],
-    order: np.ndarray,
+    ordered: BucketSort,
     is_kept: np.ndarray,
 ) -> pa.Table:
     """The kept rows, typed, masked and in the curated sort.
 
-    ``order`` sorts every row by the unmasked columns; it is the curated order
-    unless masking changed a value, in which case the kept rows are sorted again.
+    ``ordered`` sorts every row by the unmasked columns; it is the curated order
+    unless masking changed a value, in which case the kept rows are sorted again
+    (masked columns are never lead keys, so only tied rows need new codes).
     """
     schema = curated_schema(list(frame))
     columns = {name: masked.get(name, frame[name]) for name in schema.names}
     for name in schema.names:
         if name not in frame:
             columns[name] = pa.nulls(len(is_kept), schema.field(name).type)
-    kept = order[is_kept[order]]
+    kept = ordered.order[is_kept[ordered.order]]
     if masked:
         sort_codes = [
-            rank_codes(masked[name]) if name in masked else codes[name]
-            for name in _sort_order(frame)
+            tied_codes(masked[name], ordered.is_tied) if name in masked else key
+            for name, key in zip(ordered.names, ordered.keys, strict=True)
         ]
         kept = sort_rows(sort_codes, np.sort(kept))
     arrays = [columns[name].cast(schema.field(name).type) for name in schema.names]
@@ -600,29 +844,63 @@ def merge_parts(parts: list[Path], target: Path) -> int:
     """
     if not parts:
         raise ValueError(f"no part files to merge into {target}")
-    schema = pa.ipc.open_file(pa.memory_map(str(parts[0]))).schema
-    total = 0
-    with pq.ParquetWriter(target, schema, **PARQUET_OPTIONS) as writer:
-        for group in _row_groups(parts, ROW_GROUP_ROWS):
-            writer.write_table(group, row_group_size=ROW_GROUP_ROWS)
-            total += group.num_rows
-    return total
+    with _PartMerger(target) as merger:
+        for part in parts:
+            merger.add(part)
+    return merger.rows
 
 
-def _row_groups(parts: list[Path], size: int) -> Iterator[pa.Table]:
-    """The parts' rows, re-cut into tables of exactly ``size`` rows (the last fewer)."""
-    pending: list[pa.Table] = []
-    held = 0
-    for part in parts:
+class _PartMerger:
+    """Appends part files, one after another, to a Parquet file in fixed row groups.
+
+    Row groups hold :data:`ROW_GROUP_ROWS` rows whatever the parts' sizes (the last
+    fewer), so the file depends on the rows only; at most one row group is held.
+
+    Args:
+        target: the Parquet file to write.
+    """
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.rows = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._pending: list[pa.Table] = []
+        self._held = 0
+
+    def __enter__(self) -> _PartMerger:
+        return self
+
+    def add(self, part: Path) -> None:
+        """Append the rows of one part file (Arrow IPC)."""
         table = _read_ipc(part)
-        pending.append(table)
-        held += table.num_rows
-        while held >= size:
-            joined = pa.concat_tables(pending)
-            yield joined.slice(0, size)
-            pending, held = [joined.slice(size)], held - size
-    if held:
-        yield pa.concat_tables(pending)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(
+                self.target, table.schema, **PARQUET_OPTIONS
+            )
+        self._pending.append(table)
+        self._held += table.num_rows
+        while self._held >= ROW_GROUP_ROWS:
+            joined = pa.concat_tables(self._pending)
+            self._write(joined.slice(0, ROW_GROUP_ROWS))
+            self._pending = [joined.slice(ROW_GROUP_ROWS)]
+            self._held -= ROW_GROUP_ROWS
+
+    def _write(self, group: pa.Table) -> None:
+        assert self._writer is not None
+        # One chunk per column: the writer's pages then depend on the rows only,
+        # not on how the parts cut them (the file's hash is the version).
+        self._writer.write_table(group.combine_chunks(), row_group_size=ROW_GROUP_ROWS)
+        self.rows += group.num_rows
+
+    def __exit__(self, kind: object, error: object, trace: object) -> None:
+        if self._writer is None:
+            return
+        try:
+            if error is None and self._held:
+                self._write(pa.concat_tables(self._pending))
+        finally:
+            self._pending, self._held = [], 0
+            self._writer.close()
 
 
 def _read_ipc(path: Path) -> pa.Table:

@@ -79,6 +79,9 @@ class CleanConfig:
             :mod:`shopml.processing`); a Dask address replaces it. ``threads`` runs
             a bucket per core (the heavy work releases the GIL) at the memory of
             one bucket per core.
+        partition_threads: threads of the pass that cuts events into buckets, each
+            over its share of the raw file's row groups (at most one per row
+            group); 1 cuts them in one thread.
     """
 
     timestamp_floor: datetime = datetime(1990, 1, 1, tzinfo=UTC)
@@ -88,6 +91,7 @@ class CleanConfig:
     bot_events_per_minute: int = 60
     rows_per_bucket: int = 250_000
     scheduler: str = "threads"
+    partition_threads: int = 2
 
 
 @dataclass(frozen=True)

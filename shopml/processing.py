@@ -14,20 +14,31 @@ same ``dask.delayed`` graph whatever runs it:
 Tasks receive paths and return small results; workers of a remote cluster must see
 the paths the stage passes them (a volume mounted at the same path in the stage's
 pod and the workers, see ``clean_tables(work_dir=...)``).
+
+:func:`iter_task_results` hands results over in order as they finish, so a stage
+can write the output of early tasks while later ones run (two cores busy instead
+of one), and :func:`prefetch` reads the next chunk of a stream in a thread while
+the current one is processed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import queue
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import dask
+import dask.base
 import dask.local
 import dask.threaded
+from dask.callbacks import Callback
 
 logger = logging.getLogger(__name__)
 
@@ -63,26 +74,66 @@ def run_tasks(
         ValueError: ``scheduler`` is not one of :data:`LOCAL_SCHEDULERS`.
         OSError: the scheduler at ``address`` cannot be reached.
     """
+    return list(
+        iter_task_results(
+            func,
+            arguments,
+            address=address,
+            scheduler=scheduler,
+            num_workers=num_workers,
+        )
+    )
+
+
+def iter_task_results(
+    func: Callable[..., T],
+    arguments: Sequence[tuple[Any, ...]],
+    *,
+    address: str | None = None,
+    scheduler: str = "threads",
+    num_workers: int | None = None,
+) -> Iterator[T]:
+    """Like :func:`run_tasks`, yielding each result as soon as it and those before
+    it are done, so the caller can consume early results while later tasks run.
+
+    The graph runs in a background thread (in-process) or on the cluster; tasks are
+    named so that Dask starts them in the order of ``arguments`` (its schedulers run
+    independent tasks in descending key order, so the keys count down).
+
+    Args:
+        func: as for :func:`run_tasks`.
+        arguments: as for :func:`run_tasks`.
+        address: as for :func:`run_tasks`.
+        scheduler: as for :func:`run_tasks`.
+        num_workers: as for :func:`run_tasks`.
+
+    Yields:
+        ``func``'s results, in the order of ``arguments``.
+
+    Raises:
+        ValueError: ``scheduler`` is not one of :data:`LOCAL_SCHEDULERS`.
+        OSError: the scheduler at ``address`` cannot be reached.
+    """
     if scheduler not in LOCAL_SCHEDULERS:
         raise ValueError(
             f"scheduler {scheduler!r} is unknown; use one of {list(LOCAL_SCHEDULERS)} "
             "or set an address for a Dask cluster"
         )
     name = getattr(func, "__name__", "task")
+    # One token per graph: callbacks of graphs run at once in this process differ.
+    token, last = dask.base.tokenize(func, list(arguments))[:12], len(arguments) - 1
+    keys = [f"{name}-{token}-{last - i:06d}" for i in range(len(arguments))]
     tasks = [
-        dask.delayed(func, pure=True, name=f"{name}-{i}")(*args)
-        for i, args in enumerate(arguments)
+        dask.delayed(func, pure=True)(*args, dask_key_name=key)
+        for key, args in zip(keys, arguments, strict=True)
     ]
     started = time.monotonic()
     if address:
-        results = _compute_on_cluster(tasks, address)
+        yield from _iter_on_cluster(tasks, address)
         where = f"cluster {address}"
     else:
         workers = num_workers or os.cpu_count() or 1
-        # The scheduler's function rather than its name: a name makes Dask import
-        # distributed (about a second) to look for a default client.
-        get = dask.threaded.get if scheduler == "threads" else dask.local.get_sync
-        results = list(dask.compute(*tasks, scheduler=get, num_workers=workers))
+        yield from _iter_in_process(tasks, keys, scheduler, workers)
         where = f"in-process scheduler={scheduler} workers={workers}"
     logger.info(
         "dask tasks=%d func=%s on %s in %.1f s",
@@ -91,15 +142,57 @@ def run_tasks(
         where,
         time.monotonic() - started,
     )
-    return results
 
 
-def _compute_on_cluster(tasks: list[Any], address: str) -> list[Any]:
-    """Compute the graph through a ``distributed.Client`` connected to ``address``."""
+def _iter_in_process(
+    tasks: list[Any], keys: list[str], scheduler: str, workers: int
+) -> Iterator[Any]:
+    """Compute the graph in a background thread; yield results in task order.
+
+    A Dask callback hands each finished task's result over as it completes.
+    """
+    if not tasks:
+        return
+    position = {key: i for i, key in enumerate(keys)}
+    finished: queue.Queue[tuple[int, Any]] = queue.Queue()
+
+    def on_done(key: Any, result: Any, *_: Any) -> None:
+        if key in position:
+            finished.put((position[key], result))
+
+    def compute() -> None:
+        # The scheduler's function rather than its name: a name makes Dask import
+        # distributed (about a second) to look for a default client.
+        get = dask.threaded.get if scheduler == "threads" else dask.local.get_sync
+        try:
+            with Callback(posttask=on_done):
+                dask.compute(*tasks, scheduler=get, num_workers=workers)
+        except BaseException as err:  # handed to the consumer, raised there
+            finished.put((-1, _Failure(err)))
+
+    thread = threading.Thread(target=compute, name="shopml-dask", daemon=True)
+    thread.start()
+    try:
+        held: dict[int, Any] = {}
+        for index in range(len(tasks)):
+            while index not in held:
+                done, result = finished.get()
+                if isinstance(result, _Failure):
+                    raise result.error
+                held[done] = result
+            yield held.pop(index)
+    finally:
+        thread.join()
+
+
+def _iter_on_cluster(tasks: list[Any], address: str) -> Iterator[Any]:
+    """Compute the graph through a ``distributed.Client``; yield results in order."""
     from distributed import Client
 
     with Client(address, set_as_default=False, timeout="30s") as client:
-        return list(dask.compute(*tasks, scheduler=client))
+        futures = client.compute(tasks)
+        for future in futures:
+            yield future.result()
 
 
 def count_buckets(rows: int, rows_per_bucket: int) -> int:
@@ -118,3 +211,55 @@ def count_buckets(rows: int, rows_per_bucket: int) -> int:
     if rows_per_bucket < 1:
         raise ValueError(f"rows_per_bucket={rows_per_bucket} must be at least 1")
     return max(1, math.ceil(rows / rows_per_bucket))
+
+
+_DONE = object()
+
+
+def prefetch(items: Iterator[T], depth: int) -> Generator[T, None, None]:
+    """Yield ``items``, pulling up to ``depth`` of them ahead in a background thread.
+
+    pyarrow releases the GIL while it reads, parses and writes, so a producer and a
+    consumer of chunks overlap on two cores. An exception of the producer is raised
+    here, at the item where it happened. Abandoning the generator stops the thread
+    after its current item.
+
+    Args:
+        items: the producer (a generator: it runs in the thread).
+        depth: items held ready beyond the one being consumed (at least 1).
+
+    Yields:
+        The items, in order.
+    """
+    ready: queue.Queue[object] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                ready.put(item)
+        except BaseException as err:  # handed to the consumer, raised there
+            ready.put(_Failure(err))
+            return
+        ready.put(_DONE)
+
+    thread = threading.Thread(target=produce, name="shopml-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not _DONE:
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.05)
+        thread.join()
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: BaseException

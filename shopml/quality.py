@@ -301,6 +301,7 @@ def flag_near_duplicates(
     window_s: float,
     *,
     time_codes: np.ndarray | None = None,
+    time_order: np.ndarray | None = None,
 ) -> np.ndarray:
     """Rows repeating an earlier event of the same key within a window.
 
@@ -312,23 +313,40 @@ def flag_near_duplicates(
         time_codes: integer codes that sort like ``timestamps_us`` (dense ranks, see
             :func:`shopml.clean_events.rank_codes`); their small range lets the sort
             use one key. None sorts by ``timestamps_us``.
+        time_order: every row, listed so that the rows of each key group are in
+            time order with ties in row order (e.g. sorted by the first key, then
+            time, when the first key is part of every group): the groups are then
+            gathered by a stable sort on the keys alone. Replaces ``time_codes``.
 
     Returns:
         A boolean array over the rows. Each row is compared with the previous event
         of its key in time (row order breaks ties); the earliest of a run is kept.
     """
     flagged = np.zeros(len(is_ok), dtype=bool)
-    rows = np.flatnonzero(is_ok)
+    rows = (
+        np.flatnonzero(is_ok) if time_order is None else time_order[is_ok[time_order]]
+    )
     if window_s <= 0 or len(rows) < 2:
         return flagged
-    times = timestamps_us if time_codes is None else time_codes
-    order = sort_rows([*keys, times], rows)
+    if time_order is None:
+        times = timestamps_us if time_codes is None else time_codes
+        order = sort_rows([*keys, times], rows)
+    else:
+        order = _stable_sort(keys, rows)
 
     # A near duplicate has the previous row's key and lies close to it in time.
     same = _same_as_previous(keys, order)
     gaps = np.diff(timestamps_us[order])
     flagged[order[1:][same & (gaps <= window_s * 1e6)]] = True
     return flagged
+
+
+def _stable_sort(keys: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """``rows`` sorted by ``keys`` (most significant first), ties in given order."""
+    words = pack_keys([key[rows] for key in keys])
+    if len(words) == 1:
+        return rows[np.argsort(words[0], kind="stable")]
+    return rows[np.lexsort(words[::-1])]
 
 
 def flag_bot_users(

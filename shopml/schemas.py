@@ -269,9 +269,45 @@ def to_id_strings(values: pa.Array) -> pa.Array:
     if pa.types.is_floating(values.type) and _holds_whole_numbers(values):
         return pc.cast(pc.cast(values, pa.int64()), pa.string())
     if pa.types.is_timestamp(values.type):
+        fast = _iso_texts(values)
+        if fast is not None:
+            return fast
         texts = [None if v is None else v.isoformat() for v in values.to_pylist()]
         return pa.array(texts, pa.string())
     return values.cast(pa.string())
+
+
+# Years Arrow's strftime writes as datetime.isoformat does (four digits).
+_ISO_FIRST = datetime(1000, 1, 1, tzinfo=UTC)
+_ISO_LAST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+
+
+def _iso_texts(values: pa.Array) -> pa.Array | None:
+    """``datetime.isoformat()`` of microsecond timestamps, UTC or naive, in Arrow.
+
+    Returns None for other units, zones or years outside 1000-9999 (the caller
+    formats those one by one).
+    """
+    kind = values.type
+    if kind.unit != "us" or kind.tz not in (None, "UTC", "+00:00"):
+        return None
+    micros = values.cast(pa.int64())
+    bounds = pc.min_max(micros).as_py()
+    low = (_ISO_FIRST - _EPOCH) // timedelta(microseconds=1)
+    high = (_ISO_LAST - _EPOCH) // timedelta(microseconds=1)
+    if bounds["min"] is not None and (bounds["min"] < low or bounds["max"] > high):
+        return None
+
+    seconds = pc.floor_temporal(values, unit="second")
+    text = pc.strftime(seconds.cast(pa.timestamp("s", tz=kind.tz)), "%Y-%m-%dT%H:%M:%S")
+    # isoformat writes the microseconds only when there are some.
+    fraction = pc.subtract(micros, seconds.cast(pa.int64()))
+    digits = pc.utf8_lpad(fraction.cast(pa.string()), 6, "0")
+    dotted = pc.if_else(
+        pc.equal(fraction, 0), "", pc.binary_join_element_wise(".", digits, "")
+    )
+    zone = "+00:00" if kind.tz is not None else ""
+    return pc.binary_join_element_wise(text, dotted, zone, "")
 
 
 def _holds_whole_numbers(values: pa.Array) -> bool:
@@ -333,6 +369,10 @@ def parse_timestamps(values: pa.Array) -> tuple[pa.Array, pa.Array]:
         # Zoned values are UTC instants already; naive ones are taken as UTC.
         values = values.cast(pa.timestamp("us", tz=values.type.tz), safe=False)
         return values.cast(TIMESTAMP_TYPE), no_text
+    if pa.types.is_integer(values.type):
+        exact = _exact_epoch_integers(values)
+        if exact is not None:
+            return exact, no_text
     if pa.types.is_integer(values.type) or pa.types.is_floating(values.type):
         return _parse_epoch_numbers(values)
 
@@ -356,6 +396,26 @@ def parse_timestamps(values: pa.Array) -> tuple[pa.Array, pa.Array]:
     instants = _micros_to_timestamps(micros)
     is_bad = text.notna().to_numpy() & pd.isna(micros)
     return instants, pa.array(text.where(is_bad, None), pa.string(), from_pandas=True)
+
+
+# Largest magnitudes whose microseconds (x 1e3 for ms, x 1e6 for s) stay below 2**53,
+# where float64 arithmetic is exact too.
+_EXACT_MS = 2**53 // 1_000
+_EXACT_S = 2**53 // 1_000_000
+
+
+def _exact_epoch_integers(values: pa.Array) -> pa.Array | None:
+    """:func:`parse_timestamps` of integer epochs in integer arithmetic (no copies
+    through numpy), or None when some value is too large for it to equal the float
+    path of :func:`_parse_epoch_numbers` (then that path runs)."""
+    numbers = values.cast(pa.int64())
+    magnitude = pc.abs(numbers)
+    is_ms = pc.greater(magnitude, pa.scalar(int(EPOCH_MS_THRESHOLD), pa.int64()))
+    bound = pc.if_else(is_ms, _EXACT_MS, _EXACT_S)
+    if not pc.all(pc.less(magnitude, bound)).as_py():
+        return None
+    micros = pc.multiply(numbers, pc.if_else(is_ms, 1_000, 1_000_000))
+    return micros.cast(TIMESTAMP_TYPE)
 
 
 def _parse_epoch_numbers(values: pa.Array) -> tuple[pa.Array, pa.Array]:

@@ -101,6 +101,53 @@ def test_quarantine_keeps_the_original_text_of_unreadable_values(
     assert row["value"] == "4"
 
 
+@pytest.mark.parametrize(
+    "cell", ["n/a", '"n/a"', "NULL", '"NULL"', "NaN", "nan"], ids=lambda c: c
+)
+def test_a_rate_value_that_is_not_a_number_is_quarantined_quoted_or_not(
+    tmp_path: Path, cell: str
+) -> None:
+    events = EVENTS_HEADER + GOOD_EVENT + f"bob,i1,rate,2024-01-01T00:00:00Z,{cell}\n"
+    result, curated, quarantine = run_clean(
+        tmp_path, events, CATALOG_HEADER + GOOD_ITEM
+    )
+
+    report = result.tables["events"]
+    assert (report.rows_in, report.rows_kept, report.rows_quarantined) == (2, 1, 1)
+    assert report.reasons == {"bad_value": 1}
+    row = pq.read_table(quarantine / "events.parquet").to_pylist()[0]
+    assert (row["value"], row["reason"], row["source_row"]) == (
+        cell.strip('"'),
+        "bad_value",
+        2,
+    )
+    kept = pq.read_table(curated / "events.parquet").to_pylist()
+    assert [k["event_type"] for k in kept] == ["view"]
+
+
+def test_an_empty_rate_value_is_missing_not_bad(tmp_path: Path) -> None:
+    events = EVENTS_HEADER + GOOD_EVENT + 'bob,i1,rate,2024-01-01T00:00:00Z,""\n'
+    result, curated, _ = run_clean(tmp_path, events, CATALOG_HEADER + GOOD_ITEM)
+
+    assert result.tables["events"].rows_quarantined == 0
+    kept = pq.read_table(curated / "events.parquet").to_pylist()
+    assert sorted((k["event_type"], k["value"]) for k in kept) == [
+        ("rate", None),
+        ("view", None),
+    ]
+
+
+def test_an_unquoted_null_word_in_a_catalog_price_is_bad_price(
+    tmp_path: Path,
+) -> None:
+    catalog = CATALOG_HEADER + GOOD_ITEM + "i2,Hat,hats,NULL\n"
+    result, _, quarantine = run_clean(tmp_path, EVENTS_HEADER + GOOD_EVENT, catalog)
+
+    assert result.tables["catalog"].reasons == {"bad_price": 1}
+    row = pq.read_table(quarantine / "catalog.parquet").to_pylist()[0]
+    assert (row["item_id"], row["price"]) == ("i2", "NULL")
+
+
 def test_event_type_case_and_whitespace_are_repaired_and_counted(
     tmp_path: Path,
 ) -> None:

@@ -12,7 +12,8 @@ import pytest
 
 from components.clean import CleanConfig, CleanResult, clean_tables
 from components.ingest import ingest_sources
-from shopml.clean_events import bucket_of, partition_events, rank_codes
+from shopml import clean_events
+from shopml.clean_events import bucket_of, partition_events, rank_codes, read_bucket
 from shopml.quality import flag_bot_users, flag_duplicates, pack_keys, sort_rows
 from shopml.security import Pseudonymizer
 from shopml.synth import CATALOG_FAULTS, EVENT_FAULTS, SynthConfig, write_synthetic
@@ -82,7 +83,7 @@ def test_partition_keeps_a_user_in_one_bucket_and_buckets_in_order(
     seen: dict[str, int] = {}
     rows = 0
     for bucket, path in enumerate(paths):
-        table = pa.ipc.open_file(str(path)).read_all()
+        table = read_bucket(path)
         rows += table.num_rows
         positions = table.column("_position").to_numpy()
         assert np.all(np.diff(positions) > 0)  # raw order within a bucket
@@ -93,6 +94,45 @@ def test_partition_keeps_a_user_in_one_bucket_and_buckets_in_order(
     # Ranges of the pseudonym: later buckets hold larger pseudonyms.
     by_bucket = sorted(seen.items(), key=lambda item: (item[1], item[0]))
     assert [p for p, _ in by_bucket] == sorted(seen)
+
+
+def test_partition_threads_share_row_groups_and_keep_raw_order(
+    faulty_raw: Path, tmp_path: Path
+) -> None:
+    grouped = tmp_path / "grouped.parquet"
+    pq.write_table(
+        pq.read_table(faulty_raw / "events.parquet"), grouped, row_group_size=3_000
+    )
+    assert pq.ParquetFile(grouped).num_row_groups == 8  # 20k events plus copies
+
+    one = partition_events(grouped, tmp_path / "one", 4, PSEUDO, 1_000, threads=1)
+    three = partition_events(grouped, tmp_path / "three", 4, PSEUDO, 1_000, threads=3)
+
+    assert sorted(p.name for p in three[0].iterdir()) == [
+        "0.arrow",
+        "1.arrow",
+        "2.arrow",
+    ]
+    for first, second in zip(one, three, strict=True):
+        assert read_bucket(second).equals(read_bucket(first))
+
+
+def test_partition_with_a_small_pseudonym_cache_gives_the_same_buckets(
+    faulty_raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Generations of the cache roll over many times; pseudonyms stay right."""
+    source = faulty_raw / "events.parquet"
+    roomy = partition_events(source, tmp_path / "roomy", 3, PSEUDO, batch_rows=500)
+    monkeypatch.setattr(clean_events, "_CACHE_LIMIT", 50)
+    small = partition_events(source, tmp_path / "small", 3, PSEUDO, batch_rows=500)
+
+    for first, second in zip(roomy, small, strict=True):
+        assert read_bucket(second).equals(read_bucket(first))
+    table = read_bucket(small[0])
+    raw_ids, pseudonyms = table["user_id"].to_pylist(), table["_pseudonym"].to_pylist()
+    pairs = set(zip(raw_ids, pseudonyms, strict=True))
+    some = [(raw, p) for raw, p in pairs if raw is not None and raw.strip()][:20]
+    assert some and all(PSEUDO.pseudonymize(raw) == p for raw, p in some)
 
 
 def test_every_fault_kind_at_scale_reconciles(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -190,3 +191,25 @@ def test_classes_mark_raw_ids_pii_and_pseudonyms_internal() -> None:
         "query": "internal",  # masked by cleaning
         "campaign": "internal",
     }
+
+
+@pytest.mark.parametrize("zone", [None, "UTC"], ids=["naive", "utc"])
+def test_timestamps_become_the_text_isoformat_writes(zone: str | None) -> None:
+    rng = np.random.default_rng(11)
+    micros = np.concatenate(
+        [
+            rng.integers(-30_000_000_000_000_000, 250_000_000_000_000_000, 2_000),
+            rng.integers(-(10**10), 10**10, 2_000) * 1_000_000,  # whole seconds
+            [0, -1, 1, 999_999, -1_000_000, 1_704_067_200_000_000],
+        ]
+    )
+    values = pa.array(micros, pa.int64()).cast(pa.timestamp("us", tz=zone))
+    values = pa.concat_arrays([values, pa.nulls(2, values.type)])
+    expected = [None if v is None else v.isoformat() for v in values.to_pylist()]
+
+    assert to_id_strings(values).to_pylist() == expected
+
+
+def test_timestamps_outside_four_digit_years_are_still_written() -> None:
+    values = pa.array([-62_135_596_800_000_000 + 5], pa.timestamp("us", tz="UTC"))
+    assert to_id_strings(values).to_pylist() == ["0001-01-01T00:00:00.000005+00:00"]
