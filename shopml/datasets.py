@@ -522,6 +522,9 @@ def _csv_stream(
         ),
         convert_options=pacsv.ConvertOptions(
             column_types={name.lstrip("\ufeff"): pa.string() for name in header},
+            # Only an empty cell is missing: "n/a", "NULL" or "NaN" are text, quoted
+            # or not, so a numeric column quarantines them with their text.
+            null_values=[""],
             strings_can_be_null=True,
             quoted_strings_can_be_null=False,
         ),
