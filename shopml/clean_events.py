@@ -1,19 +1,21 @@
 """Cleaning of the events table at scale: stream, bucket by user, clean bucket by bucket.
 
-Events are never held whole. :func:`clean_events` works in three steps:
+This module cleans one bucket of users (:func:`clean_bucket`: the row checks, the
+repeat checks, masking and the curated rows) and runs the three steps of
+:func:`clean_events`; events are never held whole:
 
-1. **Partition** (one streaming pass over the raw Parquet file in record batches,
-   its row groups shared among ``CleanConfig.partition_threads`` threads): every
-   distinct raw user id is normalized and pseudonymized once per thread
-   (:meth:`shopml.security.Pseudonymizer.pseudonymize_many`; later batches find it
-   in a bounded cache), and each row goes to the bucket (Arrow IPC files)
-   of its pseudonym. Buckets are *ranges* of the pseudonym
-   (its first 32 bits times ``P``, shifted right by 32), so all events of a user
-   share a bucket and the buckets, in order, follow the pseudonym order. ``P`` keeps
-   each bucket near ``CleanConfig.rows_per_bucket`` rows.
+1. **Partition** (:mod:`shopml.clean_partition`: one streaming pass over the raw
+   Parquet file in record batches, its row groups shared among
+   ``CleanConfig.partition_threads`` threads): every distinct raw user id is
+   normalized and pseudonymized once per thread, and each row goes to the bucket
+   (Arrow IPC files) of its pseudonym. Buckets are *ranges* of the pseudonym (its
+   first 32 bits times ``P``, shifted right by 32), so all events of a user share a
+   bucket and the buckets, in order, follow the pseudonym order. ``P`` keeps each
+   bucket near ``CleanConfig.rows_per_bucket`` rows.
 2. **Clean** each bucket as one task of a Dask graph (:mod:`shopml.processing`):
    row checks vectorized with pyarrow, then exact duplicates, near duplicates and bot
-   users on integer codes of the columns (:class:`BucketSort`: the user's dense rank
+   users on integer codes of the columns (:mod:`shopml.clean_sort`'s
+   :class:`~shopml.clean_sort.BucketSort`: the user's dense rank
    and the timestamp for every row, the other columns ranked only where two rows
    share user and timestamp; one sort gives the curated order, the duplicates and the
    bots' busiest minutes, see :mod:`shopml.quality`); free text is masked
@@ -21,11 +23,11 @@ Events are never held whole. :func:`clean_events` works in three steps:
    (nothing without one can be a card, email, phone or address). A task writes its
    curated and quarantined rows as IPC parts and returns their counts.
 3. **Merge** the parts in bucket order into ``events.parquet`` (curated) and the
-   quarantine file, in row groups of a fixed size, so the files do not depend on
-   ``P`` or on the scheduler. The merge follows the tasks as they finish
-   (:func:`shopml.processing.iter_task_results`), so writing Parquet overlaps with
-   cleaning the later buckets; the partition pass reads its next batch in a thread
-   (:func:`shopml.processing.prefetch`) while it splits the current one.
+   quarantine file (:mod:`shopml.clean_merge`), in row groups of a fixed size, so
+   the files do not depend on ``P`` or on the scheduler. The merge follows the tasks
+   as they finish (:func:`shopml.processing.iter_task_results`), so writing Parquet
+   overlaps with cleaning the later buckets; the partition pass reads its next batch
+   in a thread (:func:`shopml.processing.prefetch`) while it splits the current one.
 
 Row order: curated events are sorted by ``user_id`` (the pseudonym), ``timestamp``,
 ``item_id``, ``event_type``, then every other column; equal to the order the stage
@@ -33,24 +35,23 @@ had when it sorted one whole table. Quarantined events are in bucket order, and 
 raw order (``source_row``) within a bucket. The same input gives byte-identical
 files.
 
-Memory: two record batches (one read ahead) and the ids pseudonymized so far (two
-generations of at most ``_CACHE_LIMIT``, recently used ones kept) in the partition
-pass, one bucket per running task in the clean step, one row group per output in
-the merge (which runs beside the clean step); none grows with the input (one
-user's events do share a bucket: a single user with tens of millions of events
+Memory: two record batches (one read ahead) and a bounded cache of pseudonyms in the
+partition pass, one bucket per running task in the clean step, one row group per
+output in the merge (which runs beside the clean step); none grows with the input
+(one user's events do share a bucket: a single user with tens of millions of events
 makes a large one).
+
+The public names of the partition, sort and merge modules that other code imports
+from here (``bucket_of``, ``partition_events``, ``read_bucket``, ``rank_codes``,
+``PARQUET_OPTIONS``, ...; see ``__all__``) stay importable from this module.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import partial
-from itertools import compress
 from pathlib import Path
 
 import numpy as np
@@ -58,17 +59,36 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from shopml.clean_merge import PARQUET_OPTIONS, ROW_GROUP_ROWS, PartMerger, merge_parts
+from shopml.clean_partition import (
+    BATCH_ROWS,
+    PARTITION_THREADS,
+    PSEUDONYM_COLUMN,
+    bucket_of,
+    partition_events,
+    read_bucket,
+    read_ipc,
+    write_ipc,
+)
 from shopml.clean_rules import (
     CleanConfig,
     ReconciliationError,
     RowReasons,
     TableReport,
     quarantine_rows,
-    strip_blank,
     unparsed_mask,
 )
+from shopml.clean_sort import (
+    SORT_KEYS,
+    BucketSort,
+    curated_schema,
+    group_codes,
+    rank_codes,
+    sort_bucket,
+    tied_codes,
+)
 from shopml.pii import mask_values
-from shopml.processing import count_buckets, iter_task_results, prefetch
+from shopml.processing import count_buckets, iter_task_results
 from shopml.quality import (
     flag_bot_users,
     flag_duplicates,
@@ -76,29 +96,35 @@ from shopml.quality import (
     sort_rows,
 )
 from shopml.schemas import EVENT_TYPES, TIMESTAMP_TYPE, schema_for
-from shopml.security import Pseudonymizer, pseudonym_texts
+from shopml.security import Pseudonymizer
+
+__all__ = [
+    "BATCH_ROWS",
+    "PARQUET_OPTIONS",
+    "PARTITION_THREADS",
+    "ROW_GROUP_ROWS",
+    "SORT_KEYS",
+    "BucketResult",
+    "BucketRules",
+    "BucketSort",
+    "bucket_of",
+    "clean_bucket",
+    "clean_events",
+    "curated_schema",
+    "group_codes",
+    "mask_free_text",
+    "merge_parts",
+    "partition_events",
+    "rank_codes",
+    "read_bucket",
+    "sort_bucket",
+    "tied_codes",
+]
 
 logger = logging.getLogger(__name__)
 
-#: Columns of the curated sort, before every other column.
-SORT_KEYS: tuple[str, ...] = ("user_id", "timestamp", "item_id", "event_type")
-#: Rows read per record batch in the partition pass.
-BATCH_ROWS = 262_144
-#: Threads of the partition pass by default (``CleanConfig.partition_threads``).
-PARTITION_THREADS = 2
-#: Rows per row group of the merged Parquet files.
-ROW_GROUP_ROWS = 1_000_000
-#: Parquet options of the files the stage writes (fixed: the store versions content).
-PARQUET_OPTIONS: dict[str, object] = {"compression": "zstd", "compression_level": 1}
-
-# Bookkeeping columns of the bucket files.
-_POSITION = "_position"
-_PSEUDONYM = "_pseudonym"
 # Text that may hold personal data has a digit (cards, phones, house numbers) or an @.
 _MAY_HOLD_PII = r"[\p{Nd}@]"
-# Distinct raw ids per generation of the pseudonym cache (two are held, see
-# _PseudonymCache): about 50 MiB, whatever the number of users.
-_CACHE_LIMIT = 262_144
 
 
 @dataclass(frozen=True)
@@ -172,38 +198,29 @@ def clean_events(
     n_buckets = count_buckets(rows_in, config.rows_per_bucket)
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
+        bucket_dir, threads = work_dir / "buckets", config.partition_threads
         buckets = partition_events(
-            raw_path,
-            work_dir / "buckets",
-            n_buckets,
-            pseudonymizer,
-            threads=config.partition_threads,
+            raw_path, bucket_dir, n_buckets, pseudonymizer, threads=threads
         )
-        items_path = work_dir / "items.arrow"
-        _write_ipc(pa.table({"item_id": item_ids.cast(pa.string())}), items_path)
-        rules = BucketRules(str(items_path), now, config)
-
-        parts = work_dir / "parts"
-        parts.mkdir(exist_ok=True)
-        arguments = [(str(path), str(parts), rules) for path in buckets]
-        done = iter_task_results(
-            clean_bucket, arguments, address=dask_address, scheduler=config.scheduler
+        rules = _write_rules(work_dir / "items.arrow", item_ids, now, config)
+        outputs = (curated_path, quarantine_path)
+        results, kept, rejected = _clean_buckets(
+            buckets, work_dir / "parts", rules, outputs, dask_address
         )
-        # Each bucket's parts are merged as soon as the buckets before it are done,
-        # while the later buckets are being cleaned.
-        results = []
-        with (
-            _PartMerger(curated_path) as curated,
-            _PartMerger(quarantine_path) as quarantined,
-        ):
-            for path, result in zip(buckets, done, strict=True):
-                curated.add(parts / f"{path.stem}.curated.arrow")
-                quarantined.add(parts / f"{path.stem}.quarantine.arrow")
-                results.append(result)
-        kept, rejected = curated.rows, quarantined.rows
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
+    return _reconcile(results, rows_in, kept, rejected)
+
+
+def _reconcile(
+    results: list[BucketResult], rows_in: int, kept: int, rejected: int
+) -> TableReport:
+    """The buckets' summed report, checked against the raw and written row counts.
+
+    Raises:
+        ReconciliationError: the counts do not add up.
+    """
     report = _sum_results("events", results)
     report.check_reconciled()
     if (report.rows_in, report.rows_kept, report.rows_quarantined) != (
@@ -213,6 +230,54 @@ def clean_events(
     ):
         raise _mismatch(report, rows_in, kept, rejected)
     return report
+
+
+def _write_rules(
+    items_path: Path, item_ids: pa.Array, now: datetime, config: CleanConfig
+) -> BucketRules:
+    """Write the catalog's ids where the bucket tasks read them; their rules."""
+    write_ipc(pa.table({"item_id": item_ids.cast(pa.string())}), items_path)
+    return BucketRules(str(items_path), now, config)
+
+
+def _clean_buckets(
+    buckets: list[Path],
+    parts: Path,
+    rules: BucketRules,
+    outputs: tuple[Path, Path],
+    dask_address: str | None,
+) -> tuple[list[BucketResult], int, int]:
+    """Clean every bucket as a Dask task and merge its parts into ``outputs``.
+
+    Args:
+        buckets: the bucket folders, in bucket order.
+        parts: folder for the part files (created).
+        rules: the checks' parameters.
+        outputs: the curated and the quarantined Parquet files to write.
+        dask_address: a Dask scheduler; None runs the graph in-process.
+
+    Returns:
+        ``(results, kept, quarantined)``: every bucket's result in bucket order,
+        and the rows written to each output.
+    """
+    parts.mkdir(exist_ok=True)
+    arguments = [(str(path), str(parts), rules) for path in buckets]
+    done = iter_task_results(
+        clean_bucket, arguments, address=dask_address, scheduler=rules.config.scheduler
+    )
+    # Each bucket's parts are merged as soon as the buckets before it are done,
+    # while the later buckets are being cleaned.
+    results = []
+    curated_path, quarantine_path = outputs
+    with (
+        PartMerger(curated_path) as curated,
+        PartMerger(quarantine_path) as quarantined,
+    ):
+        for path, result in zip(buckets, done, strict=True):
+            curated.add(parts / f"{path.stem}.curated.arrow")
+            quarantined.add(parts / f"{path.stem}.quarantine.arrow")
+            results.append(result)
+    return results, curated.rows, quarantined.rows
 
 
 def _sum_results(table: str, results: list[BucketResult]) -> TableReport:
@@ -244,250 +309,6 @@ def _mismatch(
     )
 
 
-def bucket_of(pseudonym: str, n_buckets: int) -> int:
-    """The bucket of a pseudonym: a range of its first 32 bits (order-preserving).
-
-    Args:
-        pseudonym: ``u_`` + hex, as :class:`~shopml.security.Pseudonymizer` makes.
-        n_buckets: how many buckets there are.
-
-    Returns:
-        A bucket index in ``[0, n_buckets)``; a larger pseudonym never gets a
-        smaller bucket.
-    """
-    return (int(pseudonym[2:10], 16) * n_buckets) >> 32
-
-
-class _Generation:
-    """Raw ids (trimmed) -> positions in Arrow/numpy arrays of pseudonyms and buckets."""
-
-    def __init__(self) -> None:
-        self.positions: dict[str, int] = {}
-        self.pseudonyms: list[pa.Array] = []
-        self.buckets = np.empty(0, dtype=np.int64)
-
-    def find(self, ids: list[str]) -> np.ndarray:
-        """Positions of ``ids``, -1 for ids not held."""
-        get = self.positions.get
-        return np.fromiter((get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
-
-    def add(self, ids: list[str], pseudonyms: pa.Array, buckets: np.ndarray) -> None:
-        first = len(self.positions)
-        self.positions.update(zip(ids, range(first, first + len(ids)), strict=True))
-        self.pseudonyms.append(pseudonyms)
-        self.buckets = np.concatenate([self.buckets, buckets])
-
-    def take(self, positions: np.ndarray) -> tuple[pa.Array, np.ndarray]:
-        # One array of every pseudonym held; the chunks are joined once per batch.
-        if len(self.pseudonyms) > 1:
-            self.pseudonyms = [pa.concat_arrays(self.pseudonyms)]
-        return self.pseudonyms[0].take(pa.array(positions)), self.buckets[positions]
-
-
-class _PseudonymCache:
-    """Raw user id (trimmed) -> (pseudonym, bucket), each computed once while held.
-
-    A dict maps every id held to its position in Arrow/numpy arrays of pseudonyms
-    and buckets, so a batch costs one probe per distinct id of the batch, whatever
-    the number of users held (a hash join against all of them would grow with the
-    users). Only ids not held are pseudonymized, in bulk
-    (:meth:`~shopml.security.Pseudonymizer.pseudonymize_many`).
-
-    Memory is bounded by two generations of at most :data:`_CACHE_LIMIT` ids: when
-    the current one is full it becomes the previous one, and an id found only in
-    the previous generation moves to the current one, so ids in recent use are kept
-    (an approximate LRU) and the cache does not grow with the number of users.
-    """
-
-    def __init__(self, pseudonymizer: Pseudonymizer, n_buckets: int) -> None:
-        self.pseudonymizer = pseudonymizer
-        self.n_buckets = n_buckets
-        self.current, self.previous = _Generation(), _Generation()
-
-    def lookup(self, raw_ids: pa.Array) -> tuple[pa.Array, np.ndarray]:
-        """Pseudonyms and buckets of distinct, non-null raw ids, in their order."""
-        if len(self.current.positions) > _CACHE_LIMIT:
-            self.current, self.previous = _Generation(), self.current
-        ids = raw_ids.to_pylist()
-        found = self.current.find(ids)
-        is_new = found < 0
-        if is_new.any():
-            new_ids = list(compress(ids, is_new))
-            first = len(self.current.positions)
-            self._learn(new_ids)
-            found[is_new] = np.arange(first, first + len(new_ids), dtype=np.int64)
-        return self.current.take(found)
-
-    def _learn(self, new_ids: list[str]) -> None:
-        """Add ids the current generation lacks: from the previous one, or computed."""
-        held = self.previous.find(new_ids)
-        is_held = held >= 0
-        pseudonyms = pa.nulls(len(new_ids), pa.string())
-        buckets = np.zeros(len(new_ids), dtype=np.int64)
-        if is_held.any():
-            moved, moved_buckets = self.previous.take(held[is_held])
-            pseudonyms = pc.replace_with_mask(pseudonyms, pa.array(is_held), moved)
-            buckets[is_held] = moved_buckets
-        if not is_held.all():
-            fresh = list(compress(new_ids, ~is_held))
-            digests = self.pseudonymizer.pseudonymize_many(fresh)
-            # The bucket is a range of the first 32 bits (see bucket_of).
-            heads = np.frombuffer(b"".join(d[:4] for d in digests), dtype=">u4")
-            n = np.uint64(self.n_buckets)
-            buckets[~is_held] = (heads.astype(np.uint64) * n) >> np.uint64(32)
-            texts = pa.array(pseudonym_texts(digests), pa.string())
-            pseudonyms = pc.replace_with_mask(pseudonyms, pa.array(~is_held), texts)
-        self.current.add(new_ids, pseudonyms, buckets)
-
-
-def partition_events(
-    raw_path: Path,
-    bucket_dir: Path,
-    n_buckets: int,
-    pseudonymizer: Pseudonymizer,
-    batch_rows: int = BATCH_ROWS,
-    *,
-    threads: int = PARTITION_THREADS,
-) -> list[Path]:
-    """Split raw events into bucket folders by the pseudonym of their user.
-
-    The raw file's row groups are shared out, in file order, among up to
-    ``threads`` threads; each writes ``<way>.arrow`` into every bucket folder, so a
-    bucket read way after way (:func:`read_bucket`) is in raw order. The heavy steps
-    (Parquet decoding, take, IPC writes) release the GIL.
-
-    Args:
-        raw_path: the raw events Parquet file.
-        bucket_dir: folder for the ``bucket-<n>`` folders (created).
-        n_buckets: number of buckets.
-        pseudonymizer: maps raw user ids to pseudonyms.
-        batch_rows: rows read at a time.
-        threads: most threads to split the file with (one per share of row groups).
-
-    Returns:
-        The bucket folders, in bucket order. A bucket holds the raw columns plus the
-        row's position in the raw file and its pseudonym (null for a blank user id).
-
-    Raises:
-        ValueError: ``threads`` is below 1.
-    """
-    if threads < 1:
-        raise ValueError(f"partition threads={threads} must be at least 1")
-    parquet = pq.ParquetFile(raw_path)
-    sizes = [
-        parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)
-    ]
-    firsts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-    ways = max(1, min(threads, len(sizes)))
-    shares = [share.tolist() for share in np.array_split(np.arange(len(sizes)), ways)]
-
-    paths = [bucket_dir / f"bucket-{b:05d}" for b in range(n_buckets)]
-    for path in paths:
-        path.mkdir(parents=True, exist_ok=True)
-    jobs = [
-        _Share(raw_path, groups, int(firsts[groups[0]]) if groups else 0, way)
-        for way, groups in enumerate(shares)
-    ]
-    split = partial(
-        _partition_share,
-        paths=paths,
-        pseudonymizer=pseudonymizer,
-        batch_rows=batch_rows,
-    )
-    if ways == 1:
-        rows = [split(jobs[0])]
-    else:
-        with ThreadPoolExecutor(ways, thread_name_prefix="shopml-partition") as pool:
-            rows = list(pool.map(split, jobs))
-    logger.debug("partitioned %d events into %d buckets", sum(rows), n_buckets)
-    return paths
-
-
-@dataclass(frozen=True)
-class _Share:
-    """Row groups of the raw file one partition thread splits.
-
-    Attributes:
-        raw_path: the raw events file.
-        row_groups: the row groups, consecutive, in file order.
-        first_row: position in the raw file of the share's first row.
-        way: the share's number: its file in every bucket folder is ``<way>.arrow``.
-    """
-
-    raw_path: Path
-    row_groups: list[int]
-    first_row: int
-    way: int
-
-
-def _partition_share(
-    share: _Share, *, paths: list[Path], pseudonymizer: Pseudonymizer, batch_rows: int
-) -> int:
-    """Split one share of row groups into the buckets; returns its row count."""
-    parquet = pq.ParquetFile(share.raw_path)
-    schema = parquet.schema_arrow.append(pa.field(_POSITION, pa.int64()))
-    schema = schema.append(pa.field(_PSEUDONYM, pa.string()))
-    n_buckets = len(paths)
-    cache = _PseudonymCache(pseudonymizer, n_buckets)
-    batches = (
-        batch
-        for group in share.row_groups
-        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group])
-    )
-
-    with ExitStack() as stack:
-        writers = [
-            stack.enter_context(pa.ipc.new_file(str(p / f"{share.way}.arrow"), schema))
-            for p in paths
-        ]
-        offset = share.first_row
-        # The next batch is read and decoded in a thread while this one is split.
-        for batch in prefetch(batches, 1):
-            table, buckets = _assign_buckets(batch, offset, cache)
-            offset += batch.num_rows
-            if n_buckets == 1:
-                writers[0].write_table(table)
-                continue
-
-            # Group the batch by bucket (stable: raw order within a bucket).
-            # Bucket numbers as int16 when they fit: numpy radix-sorts them.
-            small = np.int16 if n_buckets <= np.iinfo(np.int16).max else np.int64
-            order = np.argsort(buckets.astype(small), kind="stable")
-            table = table.take(order)
-            ends = np.cumsum(np.bincount(buckets, minlength=n_buckets))
-            starts = ends - np.bincount(buckets, minlength=n_buckets)
-            for bucket, (start, end) in enumerate(zip(starts, ends, strict=True)):
-                if end > start:
-                    writers[bucket].write_table(table.slice(start, end - start))
-    return offset - share.first_row
-
-
-def read_bucket(path: Path) -> pa.Table:
-    """The rows of one bucket folder from :func:`partition_events`, in raw order."""
-    files = sorted(path.glob("*.arrow"), key=lambda file: int(file.stem))
-    if not files:
-        raise FileNotFoundError(f"bucket folder {path} holds no <way>.arrow files")
-    return pa.concat_tables([_read_ipc(file) for file in files])
-
-
-def _assign_buckets(
-    batch: pa.RecordBatch, offset: int, cache: _PseudonymCache
-) -> tuple[pa.Table, np.ndarray]:
-    """The batch with its positions and pseudonyms, and each row's bucket."""
-    encoded = pc.dictionary_encode(strip_blank(batch.column("user_id")))
-    pseudonyms, buckets = cache.lookup(encoded.dictionary)
-    # Rows with a blank user id go to bucket 0 (they are quarantined there).
-    buckets = np.append(buckets, 0)
-    indices = pc.fill_null(encoded.indices, len(encoded.dictionary))
-    row_buckets = buckets[indices.to_numpy(zero_copy_only=False)]
-
-    table = pa.Table.from_batches([batch])
-    positions = np.arange(offset, offset + batch.num_rows, dtype=np.int64)
-    table = table.append_column(_POSITION, pa.array(positions))
-    table = table.append_column(_PSEUDONYM, pseudonyms.take(encoded.indices))
-    return table, row_buckets
-
-
 def clean_bucket(bucket_path: str, parts_dir: str, rules: BucketRules) -> BucketResult:
     """Clean one bucket of events; write its curated and quarantined parts.
 
@@ -503,7 +324,7 @@ def clean_bucket(bucket_path: str, parts_dir: str, rules: BucketRules) -> Bucket
         The bucket's counts, reasons and repairs.
     """
     raw = read_bucket(Path(bucket_path))
-    items = _read_ipc(Path(rules.items_path)).column("item_id")
+    items = read_ipc(Path(rules.items_path)).column("item_id")
     frame, padded = _event_frame(raw)
     reasons = RowReasons(raw.num_rows)
     # Distinct items once: for the catalog check and the near-duplicate groups.
@@ -520,8 +341,8 @@ def clean_bucket(bucket_path: str, parts_dir: str, rules: BucketRules) -> Bucket
     curated = _curate(frame, masked, ordered, reasons.is_ok)
 
     stem = Path(bucket_path).stem
-    _write_ipc(curated, Path(parts_dir) / f"{stem}.curated.arrow")
-    _write_ipc(quarantine, Path(parts_dir) / f"{stem}.quarantine.arrow")
+    write_ipc(curated, Path(parts_dir) / f"{stem}.curated.arrow")
+    write_ipc(quarantine, Path(parts_dir) / f"{stem}.quarantine.arrow")
     return BucketResult(
         rows_in=raw.num_rows,
         rows_kept=curated.num_rows,
@@ -550,7 +371,7 @@ def _event_frame(raw: pa.Table) -> tuple[dict[str, pa.Array], int]:
             padded += int(pc.sum(is_padded).as_py() or 0)
             column = pc.if_else(is_blank, pa.scalar(None, pa.string()), trimmed)
         frame[name] = column
-    frame["user_id"] = raw.column(_PSEUDONYM).combine_chunks()
+    frame["user_id"] = raw.column(PSEUDONYM_COLUMN).combine_chunks()
     # Case and whitespace of event types are repaired before the vocabulary check.
     frame["event_type"] = pc.utf8_lower(frame["event_type"])
     return frame, padded
@@ -593,108 +414,6 @@ def _check_rows(
     return {"event_type": int(repaired)}
 
 
-@dataclass(frozen=True)
-class BucketSort:
-    """A bucket's rows in the curated sort, and the integer codes it sorts by.
-
-    Rows rarely share a user and a timestamp, so only the two lead keys are coded
-    for every row (the user's dense rank, and the timestamp in microseconds); the
-    other sort columns are ranked only among the rows that share their lead keys
-    with another row (``is_tied``), which is all the sort and the duplicate check
-    ever compare them on.
-
-    Attributes:
-        names: the sort columns, :data:`SORT_KEYS` first (see :func:`_sort_order`).
-        keys: one int64 code array per name, over every row; equal values, equal
-            codes, in value order. Past the lead keys, codes are 0 outside
-            ``is_tied``.
-        is_tied: rows whose user and timestamp another row of the bucket shares.
-        order: every row in the curated sort, ties in raw order.
-    """
-
-    names: list[str]
-    keys: list[np.ndarray]
-    is_tied: np.ndarray
-    order: np.ndarray
-
-
-#: Sort columns coded for every row (see :class:`BucketSort`).
-_LEAD_KEYS = 2
-
-
-def sort_bucket(frame: dict[str, pa.Array]) -> BucketSort:
-    """Sort a bucket's rows into the curated order (see :class:`BucketSort`)."""
-    names = _sort_order(frame)
-    users = rank_codes(frame["user_id"])
-    lead = [users, _time_keys(frame["timestamp"], users)]
-    order = sort_rows(lead)
-    is_tied = _shares_previous(lead, order)
-    rest = [tied_codes(frame[name], is_tied) for name in names[_LEAD_KEYS:]]
-    keys = lead + rest
-    if is_tied.any():
-        # Runs of equal lead keys are contiguous; sort each by every key (stable).
-        spots = np.flatnonzero(is_tied[order])
-        runs = order[spots]
-        order[spots] = runs[np.lexsort([key[runs] for key in keys[::-1]])]
-    return BucketSort(names, keys, is_tied, order)
-
-
-def _time_keys(timestamps: pa.Array, users: np.ndarray) -> np.ndarray:
-    """Codes of timestamps that sort like them: microseconds, or dense ranks when
-    the microseconds' span would not pack with the users' into one sort key."""
-    values = timestamps.cast(pa.int64())
-    top = pc.max(values).as_py()
-    if top is None:
-        return np.zeros(len(values), dtype=np.int64)
-    # Missing timestamps sort last (such rows are quarantined before any sort).
-    micros = np.asarray(pc.fill_null(values, top + 1).to_numpy(zero_copy_only=False))
-    span = top + 2 - int(micros.min())
-    if span * (int(users.max()) + 1) >= 2**62:
-        return rank_codes(timestamps)
-    return micros
-
-
-def _shares_previous(keys: list[np.ndarray], order: np.ndarray) -> np.ndarray:
-    """Rows equal in every key to a neighbour in ``order`` (a boolean mask)."""
-    is_tied = np.zeros(len(order), dtype=bool)
-    if len(order) < 2:
-        return is_tied
-    same = np.ones(len(order) - 1, dtype=bool)
-    for key in keys:
-        column = key[order]
-        same &= column[1:] == column[:-1]
-    is_tied[order[1:][same]] = True
-    is_tied[order[:-1][same]] = True
-    return is_tied
-
-
-def tied_codes(column: pa.Array, is_tied: np.ndarray) -> np.ndarray:
-    """:func:`rank_codes` of ``column`` among the rows in ``is_tied``, 0 elsewhere.
-
-    Ranks among a subset of rows keep the values' order and equality within it.
-    """
-    codes = np.zeros(len(is_tied), dtype=np.int64)
-    rows = np.flatnonzero(is_tied)
-    if len(rows):
-        codes[rows] = rank_codes(column.take(pa.array(rows)))
-    return codes
-
-
-def group_codes(column: pa.Array) -> np.ndarray:
-    """Integer codes of a column's values: equal values, equal codes (any order).
-
-    Args:
-        column: any array; a dictionary array's indices are used as they are.
-
-    Returns:
-        int64 codes; nulls get ``len(dictionary)``.
-    """
-    is_encoded = isinstance(column, pa.DictionaryArray)
-    encoded = column if is_encoded else pc.dictionary_encode(column)
-    indices = pc.fill_null(encoded.indices, len(encoded.dictionary))
-    return np.asarray(indices.to_numpy(zero_copy_only=False), dtype=np.int64)
-
-
 def _check_repeats(
     frame: dict[str, pa.Array],
     ordered: BucketSort,
@@ -730,43 +449,6 @@ def _micros(timestamps: pa.Array) -> np.ndarray:
     """Microseconds since 1970 as int64 (0 where missing; such rows are flagged)."""
     values = pc.fill_null(timestamps.cast(pa.int64()), 0)
     return np.asarray(values.to_numpy(zero_copy_only=False))
-
-
-def rank_codes(column: pa.Array) -> np.ndarray:
-    """Integer codes that sort like the values: equal values, equal codes.
-
-    Codes are dense ranks (0 for the smallest value), so they stay below the row
-    count whatever the values' range, and several columns pack into one sort key
-    (:func:`shopml.quality.pack_keys`).
-
-    Args:
-        column: any sortable array; text compares by its UTF-8 bytes, NaN sorts after
-            every number (as in pyarrow).
-
-    Returns:
-        int64 codes in ``[0, distinct values]``; nulls get the top code (they sort
-        last, as in pyarrow).
-    """
-    # Each distinct value is ranked once; rows take their value's rank.
-    encoded = pc.dictionary_encode(column)
-    ranks = pc.rank(encoded.dictionary, sort_keys="ascending", tiebreaker="dense")
-    ranks = np.asarray(ranks, dtype=np.int64) - 1
-    ranks = np.append(ranks, len(encoded.dictionary))
-    indices = pc.fill_null(encoded.indices, len(encoded.dictionary))
-    return np.asarray(ranks[indices.to_numpy(zero_copy_only=False)])
-
-
-def _sort_order(frame: dict[str, pa.Array]) -> list[str]:
-    """The curated sort: :data:`SORT_KEYS`, then every other column in table order."""
-    names = list(curated_schema(list(frame)).names)
-    return [*SORT_KEYS, *(n for n in names if n not in SORT_KEYS)]
-
-
-def curated_schema(names: list[str]) -> pa.Schema:
-    """Canonical events schema, then the raw table's extra columns as text."""
-    canonical = schema_for("events")
-    extras = [n for n in names if n not in canonical.names and not n.startswith("_")]
-    return pa.schema(list(canonical) + [pa.field(n, pa.string()) for n in extras])
 
 
 def mask_free_text(
@@ -834,80 +516,3 @@ def _curate(
         kept = sort_rows(sort_codes, np.sort(kept))
     arrays = [columns[name].cast(schema.field(name).type) for name in schema.names]
     return pa.Table.from_arrays(arrays, schema=schema).take(pa.array(kept))
-
-
-def merge_parts(parts: list[Path], target: Path) -> int:
-    """Concatenate part files in order into one Parquet file; returns its row count.
-
-    Row groups hold :data:`ROW_GROUP_ROWS` rows whatever the parts' sizes, so the
-    file depends on the rows only. An empty merge still writes the schema.
-    """
-    if not parts:
-        raise ValueError(f"no part files to merge into {target}")
-    with _PartMerger(target) as merger:
-        for part in parts:
-            merger.add(part)
-    return merger.rows
-
-
-class _PartMerger:
-    """Appends part files, one after another, to a Parquet file in fixed row groups.
-
-    Row groups hold :data:`ROW_GROUP_ROWS` rows whatever the parts' sizes (the last
-    fewer), so the file depends on the rows only; at most one row group is held.
-
-    Args:
-        target: the Parquet file to write.
-    """
-
-    def __init__(self, target: Path) -> None:
-        self.target = target
-        self.rows = 0
-        self._writer: pq.ParquetWriter | None = None
-        self._pending: list[pa.Table] = []
-        self._held = 0
-
-    def __enter__(self) -> _PartMerger:
-        return self
-
-    def add(self, part: Path) -> None:
-        """Append the rows of one part file (Arrow IPC)."""
-        table = _read_ipc(part)
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(
-                self.target, table.schema, **PARQUET_OPTIONS
-            )
-        self._pending.append(table)
-        self._held += table.num_rows
-        while self._held >= ROW_GROUP_ROWS:
-            joined = pa.concat_tables(self._pending)
-            self._write(joined.slice(0, ROW_GROUP_ROWS))
-            self._pending = [joined.slice(ROW_GROUP_ROWS)]
-            self._held -= ROW_GROUP_ROWS
-
-    def _write(self, group: pa.Table) -> None:
-        assert self._writer is not None
-        # One chunk per column: the writer's pages then depend on the rows only,
-        # not on how the parts cut them (the file's hash is the version).
-        self._writer.write_table(group.combine_chunks(), row_group_size=ROW_GROUP_ROWS)
-        self.rows += group.num_rows
-
-    def __exit__(self, kind: object, error: object, trace: object) -> None:
-        if self._writer is None:
-            return
-        try:
-            if error is None and self._held:
-                self._write(pa.concat_tables(self._pending))
-        finally:
-            self._pending, self._held = [], 0
-            self._writer.close()
-
-
-def _read_ipc(path: Path) -> pa.Table:
-    # Memory-mapped: the pages are the file's, read when a column is touched.
-    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-
-
-def _write_ipc(table: pa.Table, path: Path) -> None:
-    with pa.ipc.new_file(str(path), table.schema) as writer:
-        writer.write_table(table)

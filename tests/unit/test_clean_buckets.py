@@ -12,7 +12,7 @@ import pytest
 
 from components.clean import CleanConfig, CleanResult, clean_tables
 from components.ingest import ingest_sources
-from shopml import clean_events
+from shopml import clean_partition
 from shopml.clean_events import bucket_of, partition_events, rank_codes, read_bucket
 from shopml.quality import flag_bot_users, flag_duplicates, pack_keys, sort_rows
 from shopml.security import Pseudonymizer
@@ -123,7 +123,7 @@ def test_partition_with_a_small_pseudonym_cache_gives_the_same_buckets(
     """Generations of the cache roll over many times; pseudonyms stay right."""
     source = faulty_raw / "events.parquet"
     roomy = partition_events(source, tmp_path / "roomy", 3, PSEUDO, batch_rows=500)
-    monkeypatch.setattr(clean_events, "_CACHE_LIMIT", 50)
+    monkeypatch.setattr(clean_partition, "_CACHE_LIMIT", 50)
     small = partition_events(source, tmp_path / "small", 3, PSEUDO, batch_rows=500)
 
     for first, second in zip(roomy, small, strict=True):

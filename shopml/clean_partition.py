@@ -1,0 +1,327 @@
+"""Partition of raw events into user buckets, the first step of the events clean.
+
+One streaming pass over the raw Parquet file in record batches, its row groups shared
+among ``CleanConfig.partition_threads`` threads (:func:`partition_events`): every
+distinct raw user id is normalized and pseudonymized once per thread
+(:meth:`shopml.security.Pseudonymizer.pseudonymize_many`; later batches find it in
+the bounded :class:`_PseudonymCache`), and each row goes to the bucket of its
+pseudonym (:func:`bucket_of`: a range of its first 32 bits, so all events of a user
+share a bucket and the buckets, in order, follow the pseudonym order). A bucket is a
+folder of Arrow IPC files, one per thread, read back in raw order with
+:func:`read_bucket`; :func:`read_ipc` and :func:`write_ipc` are the IPC file helpers
+the other clean modules share. :mod:`shopml.clean_events` runs the whole clean.
+
+Memory: two record batches per thread (one read ahead,
+:func:`shopml.processing.prefetch`) and the ids pseudonymized so far (two
+generations of at most :data:`_CACHE_LIMIT`, recently used ones kept); none grows
+with the input.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from functools import partial
+from itertools import compress
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from shopml.clean_rules import strip_blank
+from shopml.processing import prefetch
+from shopml.security import Pseudonymizer, pseudonym_texts
+
+logger = logging.getLogger(__name__)
+
+#: Rows read per record batch in the partition pass.
+BATCH_ROWS = 262_144
+#: Threads of the partition pass by default (``CleanConfig.partition_threads``).
+PARTITION_THREADS = 2
+#: Bookkeeping column of the bucket files: the row's position in the raw file.
+POSITION_COLUMN = "_position"
+#: Bookkeeping column of the bucket files: the user's pseudonym (null if blank).
+PSEUDONYM_COLUMN = "_pseudonym"
+
+# Distinct raw ids per generation of the pseudonym cache (two are held, see
+# _PseudonymCache): about 50 MiB, whatever the number of users.
+_CACHE_LIMIT = 262_144
+
+
+def bucket_of(pseudonym: str, n_buckets: int) -> int:
+    """The bucket of a pseudonym: a range of its first 32 bits (order-preserving).
+
+    Args:
+        pseudonym: ``u_`` + hex, as :class:`~shopml.security.Pseudonymizer` makes.
+        n_buckets: how many buckets there are.
+
+    Returns:
+        A bucket index in ``[0, n_buckets)``; a larger pseudonym never gets a
+        smaller bucket.
+    """
+    return (int(pseudonym[2:10], 16) * n_buckets) >> 32
+
+
+class _Generation:
+    """Raw ids (trimmed) -> positions in Arrow/numpy arrays of pseudonyms and buckets."""
+
+    def __init__(self) -> None:
+        self.positions: dict[str, int] = {}
+        self.pseudonyms: list[pa.Array] = []
+        self.buckets = np.empty(0, dtype=np.int64)
+
+    def find(self, ids: list[str]) -> np.ndarray:
+        """Positions of ``ids``, -1 for ids not held."""
+        get = self.positions.get
+        return np.fromiter((get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+
+    def add(self, ids: list[str], pseudonyms: pa.Array, buckets: np.ndarray) -> None:
+        first = len(self.positions)
+        self.positions.update(zip(ids, range(first, first + len(ids)), strict=True))
+        self.pseudonyms.append(pseudonyms)
+        self.buckets = np.concatenate([self.buckets, buckets])
+
+    def take(self, positions: np.ndarray) -> tuple[pa.Array, np.ndarray]:
+        # One array of every pseudonym held; the chunks are joined once per batch.
+        if len(self.pseudonyms) > 1:
+            self.pseudonyms = [pa.concat_arrays(self.pseudonyms)]
+        return self.pseudonyms[0].take(pa.array(positions)), self.buckets[positions]
+
+
+class _PseudonymCache:
+    """Raw user id (trimmed) -> (pseudonym, bucket), each computed once while held.
+
+    A dict maps every id held to its position in Arrow/numpy arrays of pseudonyms
+    and buckets, so a batch costs one probe per distinct id of the batch, whatever
+    the number of users held (a hash join against all of them would grow with the
+    users). Only ids not held are pseudonymized, in bulk
+    (:meth:`~shopml.security.Pseudonymizer.pseudonymize_many`).
+
+    Memory is bounded by two generations of at most :data:`_CACHE_LIMIT` ids: when
+    the current one is full it becomes the previous one, and an id found only in
+    the previous generation moves to the current one, so ids in recent use are kept
+    (an approximate LRU) and the cache does not grow with the number of users.
+    """
+
+    def __init__(self, pseudonymizer: Pseudonymizer, n_buckets: int) -> None:
+        self.pseudonymizer = pseudonymizer
+        self.n_buckets = n_buckets
+        self.current, self.previous = _Generation(), _Generation()
+
+    def lookup(self, raw_ids: pa.Array) -> tuple[pa.Array, np.ndarray]:
+        """Pseudonyms and buckets of distinct, non-null raw ids, in their order."""
+        if len(self.current.positions) > _CACHE_LIMIT:
+            self.current, self.previous = _Generation(), self.current
+        ids = raw_ids.to_pylist()
+        found = self.current.find(ids)
+        is_new = found < 0
+        if is_new.any():
+            new_ids = list(compress(ids, is_new))
+            first = len(self.current.positions)
+            self._learn(new_ids)
+            found[is_new] = np.arange(first, first + len(new_ids), dtype=np.int64)
+        return self.current.take(found)
+
+    def _learn(self, new_ids: list[str]) -> None:
+        """Add ids the current generation lacks: from the previous one, or computed."""
+        held = self.previous.find(new_ids)
+        is_held = held >= 0
+        pseudonyms = pa.nulls(len(new_ids), pa.string())
+        buckets = np.zeros(len(new_ids), dtype=np.int64)
+        if is_held.any():
+            moved, moved_buckets = self.previous.take(held[is_held])
+            pseudonyms = pc.replace_with_mask(pseudonyms, pa.array(is_held), moved)
+            buckets[is_held] = moved_buckets
+        if not is_held.all():
+            fresh = list(compress(new_ids, ~is_held))
+            digests = self.pseudonymizer.pseudonymize_many(fresh)
+            # The bucket is a range of the first 32 bits (see bucket_of).
+            heads = np.frombuffer(b"".join(d[:4] for d in digests), dtype=">u4")
+            n = np.uint64(self.n_buckets)
+            buckets[~is_held] = (heads.astype(np.uint64) * n) >> np.uint64(32)
+            texts = pa.array(pseudonym_texts(digests), pa.string())
+            pseudonyms = pc.replace_with_mask(pseudonyms, pa.array(~is_held), texts)
+        self.current.add(new_ids, pseudonyms, buckets)
+
+
+def partition_events(
+    raw_path: Path,
+    bucket_dir: Path,
+    n_buckets: int,
+    pseudonymizer: Pseudonymizer,
+    batch_rows: int = BATCH_ROWS,
+    *,
+    threads: int = PARTITION_THREADS,
+) -> list[Path]:
+    """Split raw events into bucket folders by the pseudonym of their user.
+
+    The raw file's row groups are shared out, in file order, among up to
+    ``threads`` threads; each writes ``<way>.arrow`` into every bucket folder, so a
+    bucket read way after way (:func:`read_bucket`) is in raw order. The heavy steps
+    (Parquet decoding, take, IPC writes) release the GIL.
+
+    Args:
+        raw_path: the raw events Parquet file.
+        bucket_dir: folder for the ``bucket-<n>`` folders (created).
+        n_buckets: number of buckets.
+        pseudonymizer: maps raw user ids to pseudonyms.
+        batch_rows: rows read at a time.
+        threads: most threads to split the file with (one per share of row groups).
+
+    Returns:
+        The bucket folders, in bucket order. A bucket holds the raw columns plus the
+        row's position in the raw file and its pseudonym (null for a blank user id).
+
+    Raises:
+        ValueError: ``threads`` is below 1.
+    """
+    if threads < 1:
+        raise ValueError(f"partition threads={threads} must be at least 1")
+    jobs = _plan_shares(raw_path, threads)
+    paths = [bucket_dir / f"bucket-{b:05d}" for b in range(n_buckets)]
+    for path in paths:
+        path.mkdir(parents=True, exist_ok=True)
+
+    split = partial(
+        _partition_share,
+        paths=paths,
+        pseudonymizer=pseudonymizer,
+        batch_rows=batch_rows,
+    )
+    rows = _split_shares(jobs, split)
+    logger.debug("partitioned %d events into %d buckets", rows, n_buckets)
+    return paths
+
+
+@dataclass(frozen=True)
+class _Share:
+    """Row groups of the raw file one partition thread splits.
+
+    Attributes:
+        raw_path: the raw events file.
+        row_groups: the row groups, consecutive, in file order.
+        first_row: position in the raw file of the share's first row.
+        way: the share's number: its file in every bucket folder is ``<way>.arrow``.
+    """
+
+    raw_path: Path
+    row_groups: list[int]
+    first_row: int
+    way: int
+
+
+def _plan_shares(raw_path: Path, threads: int) -> list[_Share]:
+    """Share the raw file's row groups, in file order, among up to ``threads`` ways.
+
+    Returns:
+        One share per way (at least one; a file without row groups gets one empty
+        share), each knowing the raw position of its first row.
+    """
+    parquet = pq.ParquetFile(raw_path)
+    sizes = [
+        parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)
+    ]
+    firsts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    ways = max(1, min(threads, len(sizes)))
+    shares = [share.tolist() for share in np.array_split(np.arange(len(sizes)), ways)]
+    return [
+        _Share(raw_path, groups, int(firsts[groups[0]]) if groups else 0, way)
+        for way, groups in enumerate(shares)
+    ]
+
+
+def _split_shares(jobs: list[_Share], split: Callable[[_Share], int]) -> int:
+    """Split every share, one thread each (this thread for a single share).
+
+    Returns:
+        The rows split, over every share.
+    """
+    if len(jobs) == 1:
+        return split(jobs[0])
+    with ThreadPoolExecutor(len(jobs), thread_name_prefix="shopml-partition") as pool:
+        return sum(pool.map(split, jobs))
+
+
+def _partition_share(
+    share: _Share, *, paths: list[Path], pseudonymizer: Pseudonymizer, batch_rows: int
+) -> int:
+    """Split one share of row groups into the buckets; returns its row count."""
+    parquet = pq.ParquetFile(share.raw_path)
+    schema = parquet.schema_arrow.append(pa.field(POSITION_COLUMN, pa.int64()))
+    schema = schema.append(pa.field(PSEUDONYM_COLUMN, pa.string()))
+    n_buckets = len(paths)
+    cache = _PseudonymCache(pseudonymizer, n_buckets)
+    batches = (
+        batch
+        for group in share.row_groups
+        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group])
+    )
+
+    with ExitStack() as stack:
+        writers = [
+            stack.enter_context(pa.ipc.new_file(str(p / f"{share.way}.arrow"), schema))
+            for p in paths
+        ]
+        offset = share.first_row
+        # The next batch is read and decoded in a thread while this one is split.
+        for batch in prefetch(batches, 1):
+            table, buckets = _assign_buckets(batch, offset, cache)
+            offset += batch.num_rows
+            if n_buckets == 1:
+                writers[0].write_table(table)
+                continue
+
+            # Group the batch by bucket (stable: raw order within a bucket).
+            # Bucket numbers as int16 when they fit: numpy radix-sorts them.
+            small = np.int16 if n_buckets <= np.iinfo(np.int16).max else np.int64
+            order = np.argsort(buckets.astype(small), kind="stable")
+            table = table.take(order)
+            ends = np.cumsum(np.bincount(buckets, minlength=n_buckets))
+            starts = ends - np.bincount(buckets, minlength=n_buckets)
+            for bucket, (start, end) in enumerate(zip(starts, ends, strict=True)):
+                if end > start:
+                    writers[bucket].write_table(table.slice(start, end - start))
+    return offset - share.first_row
+
+
+def read_bucket(path: Path) -> pa.Table:
+    """The rows of one bucket folder from :func:`partition_events`, in raw order."""
+    files = sorted(path.glob("*.arrow"), key=lambda file: int(file.stem))
+    if not files:
+        raise FileNotFoundError(f"bucket folder {path} holds no <way>.arrow files")
+    return pa.concat_tables([read_ipc(file) for file in files])
+
+
+def _assign_buckets(
+    batch: pa.RecordBatch, offset: int, cache: _PseudonymCache
+) -> tuple[pa.Table, np.ndarray]:
+    """The batch with its positions and pseudonyms, and each row's bucket."""
+    encoded = pc.dictionary_encode(strip_blank(batch.column("user_id")))
+    pseudonyms, buckets = cache.lookup(encoded.dictionary)
+    # Rows with a blank user id go to bucket 0 (they are quarantined there).
+    buckets = np.append(buckets, 0)
+    indices = pc.fill_null(encoded.indices, len(encoded.dictionary))
+    row_buckets = buckets[indices.to_numpy(zero_copy_only=False)]
+
+    table = pa.Table.from_batches([batch])
+    positions = np.arange(offset, offset + batch.num_rows, dtype=np.int64)
+    table = table.append_column(POSITION_COLUMN, pa.array(positions))
+    table = table.append_column(PSEUDONYM_COLUMN, pseudonyms.take(encoded.indices))
+    return table, row_buckets
+
+
+def read_ipc(path: Path) -> pa.Table:
+    """The table of an Arrow IPC file (bucket, part or catalog ids), memory-mapped."""
+    # Memory-mapped: the pages are the file's, read when a column is touched.
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+def write_ipc(table: pa.Table, path: Path) -> None:
+    """Write ``table`` to ``path`` as one Arrow IPC file."""
+    with pa.ipc.new_file(str(path), table.schema) as writer:
+        writer.write_table(table)
