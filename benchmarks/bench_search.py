@@ -5,6 +5,10 @@ Run (``make bench-search``)::
     .venv/bin/python benchmarks/bench_search.py [--items 100000] [--queries 300]
     .venv/bin/python benchmarks/bench_search.py --index-dir DIR --model-dir DIR
 
+Quick rerun: the index is cached under ``$SHOPML_HOME/bench/``, so a second run with
+the same ``SHOPML_HOME`` skips the minutes of encoding (``--stages-only`` skips the
+server too).
+
 What it does:
 
 1. builds a synthetic catalog (brand, adjective, product noun, size with a unit; 60
@@ -15,7 +19,9 @@ What it does:
    (``OMP_NUM_THREADS=1``), the client pinned to CPU 1;
 3. sends one query per request over a kept-alive HTTP connection and prints p50/p99
    for: distinct queries (every query encoded: the cold path), the same queries again
-   (query-embedding cache hits), and personalized queries with a 10-item history;
+   (query-embedding cache hits), personalized queries with a 10-item history, and
+   each category name once (the category prior's path: the category's best sellers
+   join the candidates);
 4. prints floors measured side by side on the client core, so that figures compare
    across noisy machines: the bare bm25s ``get_scores`` call, the bare MiniLM forward
    pass of one query, and an HTTP round trip to the server's ready endpoint;
@@ -265,10 +271,14 @@ def measure(url: str, texts: list[str], catalog: pd.DataFrame) -> None:
         cold = [timed(partial(ask, q), 1)[0] for q in texts]
         warm = [timed(partial(ask, q), 1)[0] for q in texts]
         personal = [timed(partial(ask, q, True), 1)[0] for q in texts]
+        # Category names: the category prior adds the category's best sellers.
+        names = sorted(catalog["category"].dropna().unique())
+        browse = [timed(partial(ask, q), 1)[0] for q in names]
         ready = timed(lambda: client.get(f"{url}/v2/models/search/ready"), len(texts))
     print(f"server, distinct queries (encoded) : {percentiles(cold)}")
     print(f"server, repeated queries (cached)  : {percentiles(warm)}")
     print(f"server, personalized (10 items)    : {percentiles(personal)}")
+    print(f"server, {len(names):3d} category names     : {percentiles(browse)}")
     print(f"floor: HTTP round trip (ready)     : {percentiles(ready)}")
 
 

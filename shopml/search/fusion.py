@@ -13,7 +13,10 @@ Two fusion functions, chosen by :attr:`SearchOptions.fusion
   ``sum over retrievers of weight / (rrf_k + rank)``.
 
 On top of either, :func:`full_match_first` puts candidates holding every query token
-above those missing one (a shop search's "all words first, then any word"), and
+above those missing one (a shop search's "all words first, then any word"),
+:func:`category_first` answers a query that names a category with that category's
+items, best sellers first (a browse query: which of an aisle's hundreds of items is
+meant the text cannot tell, and popularity is the best unpersonalized guess), and
 :func:`exact_title_first` puts an item whose whole title is the query above all.
 """
 
@@ -87,6 +90,33 @@ def full_match_first(fused: np.ndarray, is_full: np.ndarray) -> np.ndarray:
         return fused
     lift = float(fused.max() - fused.min()) + 1.0
     return np.where(is_full, fused + lift, fused)
+
+
+def category_first(
+    fused: np.ndarray, in_category: np.ndarray, popularity: np.ndarray | None
+) -> np.ndarray:
+    """Lift the items of the category a query names above all others, best sellers first.
+
+    Args:
+        fused: float64 [C] fused scores.
+        in_category: bool [C] whether each candidate belongs to the named category.
+        popularity: float64 [C] each candidate's popularity (``-inf``: unknown), or
+            ``None``: the category's items keep their fused order.
+
+    Returns:
+        float64 [C] scores whose order is: the category's items by (popularity,
+        fused score), then the other candidates by fused score.
+    """
+    if not len(fused) or not in_category.any():
+        return fused
+    members = np.flatnonzero(in_category)
+    if popularity is None:
+        order = members[np.argsort(-fused[members], kind="stable")]
+    else:
+        order = members[np.lexsort((-fused[members], -popularity[members]))]
+    lifted = fused.copy()
+    lifted[order] = float(fused.max()) + np.arange(len(order), 0, -1, dtype=np.float64)
+    return lifted
 
 
 def exact_title_first(

@@ -136,6 +136,10 @@ class SearchIndex:
         embeddings: float32 [N, D] unit-length item vectors.
         ann: the faiss HNSW index, or ``None`` for exact search.
         corrector: spelling correction over the index vocabulary.
+
+    Derived on load: ``item_ids``, ``titles``, ``categories`` (normalized),
+    ``raw_categories``, ``prices``, ``exact_titles`` (normalized title -> rows),
+    ``row_of`` (item id -> row) and ``category_rows`` (category tokens -> rows).
     """
 
     config: IndexConfig
@@ -162,6 +166,10 @@ class SearchIndex:
         self.exact_titles: dict[str, list[int]] = {}
         for row, title in enumerate(self.titles):
             self.exact_titles.setdefault(normalize(title), []).append(row)
+        self.row_of: dict[str, int] = {
+            item_id: row for row, item_id in enumerate(self.item_ids)
+        }
+        self.category_rows = _category_rows(self.raw_categories)
         # The bm25s index is a CSC matrix (token -> items holding it, with each
         # item's precomputed BM25 term score); queries read its columns directly.
         csc = self.bm25.scores
@@ -203,6 +211,23 @@ class SearchIndex:
             rows = rows[mask[rows]]
         is_full = held == len(counts) if counts else np.zeros(self.n_items, dtype=bool)
         return KeywordMatch(scores, is_full, rows)
+
+
+def _category_rows(
+    categories: Sequence[str | None],
+) -> dict[tuple[str, ...], np.ndarray]:
+    """Query tokens that name a category -> int64 rows of its items, ascending.
+
+    The key is the category's :func:`~shopml.search.text.tokenize` output, the form
+    a query takes after normalization and spelling correction, so "Fresh Fruit",
+    "fresh fruits" and "fresh frutis" all name the category ``fresh fruits``.
+    """
+    grouped: dict[tuple[str, ...], list[int]] = {}
+    for row, category in enumerate(categories):
+        key = tuple(tokenize(category)) if category else ()
+        if key:
+            grouped.setdefault(key, []).append(row)
+    return {key: np.asarray(rows, dtype=np.int64) for key, rows in grouped.items()}
 
 
 def _text_columns(catalog: pd.DataFrame, config: IndexConfig) -> list[str]:

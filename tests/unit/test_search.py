@@ -39,7 +39,7 @@ from shopml.search.evaluation import (
     split_queries,
     tune_fusion,
 )
-from shopml.search.fusion import convex, full_match_first
+from shopml.search.fusion import category_first, convex, full_match_first
 from shopml.search.spelling import SpellingCorrector, edit_distance
 from shopml.search.text import mask_pii, normalize, prepare_query, tokenize
 
@@ -309,6 +309,26 @@ def test_personalization_reorders_only_among_relevant_candidates(
     assert scores == sorted(scores, reverse=True)
 
 
+def test_buy_again_lifts_a_relevant_item_the_user_bought(
+    personal_engine: SearchEngine,
+) -> None:
+    history = ["i04", "i09"]  # bought strawberry greek yogurt, then whole milk
+    ids = {
+        buy_again: [
+            hit.item_id
+            for hit in personal_engine.search(
+                "greek yogurt",
+                options=SearchOptions(buy_again=buy_again),
+                history=history,
+            ).hits
+        ]
+        for buy_again in (True, False)
+    }
+    assert ids[True].index("i04") < ids[False].index("i04")
+    assert sorted(ids[True]) == sorted(ids[False])
+    assert "i09" not in ids[True][:5]  # bought, but not a greek yogurt
+
+
 def test_empty_query_falls_back_to_recommendations(
     personal_engine: SearchEngine,
 ) -> None:
@@ -412,6 +432,41 @@ def test_hybrid_ranks_items_holding_every_word_first(engine: SearchEngine) -> No
     ]
     assert full[0] and hits[0].title == "Strawberry Greek Yogurt"
     assert full == sorted(full, reverse=True)
+
+
+def test_category_first_orders_members_by_popularity() -> None:
+    fused = np.array([0.9, 0.2, 0.5, 0.1])
+    members = np.array([False, True, True, True])
+    lifted = category_first(fused, members, np.array([5.0, 1.0, 3.0, 3.0]))
+    assert np.argsort(-lifted).tolist() == [2, 3, 1, 0]  # ties: fused score
+    assert np.argsort(-category_first(fused, members, None)).tolist() == [2, 1, 3, 0]
+    assert category_first(fused, np.zeros(4, dtype=bool), None) is fused
+
+
+@pytest.mark.parametrize(
+    ("query", "best_sellers"),
+    [("milk", ["i10", "i09", "i08"]), ("Fresh Fruit", ["i22", "i01"])],
+)
+def test_query_naming_a_category_ranks_its_best_sellers_first(
+    engine: SearchEngine,
+    personal_engine: SearchEngine,
+    query: str,
+    best_sellers: list[str],
+) -> None:
+    # The personal engine's recommender ranks popularity by item number (i24 first).
+    def ids(searcher: SearchEngine, options: SearchOptions | None = None) -> list[str]:
+        return [hit.item_id for hit in searcher.search(query, options=options).hits]
+
+    n = len(best_sellers)
+    assert ids(personal_engine)[:n] == best_sellers
+    # Without a recommender, or with the prior off, the category's items keep
+    # their fused order; keyword-only search never applies the prior.
+    assert sorted(ids(engine)[:n]) == sorted(best_sellers)
+    assert ids(personal_engine, SearchOptions(category_prior=False)) == ids(engine)
+    keyword = SearchOptions(mode="keyword")
+    assert ids(personal_engine, keyword) == ids(engine, keyword)
+    if query == "milk":
+        assert ids(engine)[:n] != best_sellers  # so the prior did reorder
 
 
 # --- evaluation -----------------------------------------------------------
@@ -628,7 +683,7 @@ def test_stages_build_store_and_evaluate(
     )
     assert result.source == "catalog"
     assert set(result.table["method"]) == {
-        "keyword", "dense", "hybrid", "personalized_hybrid",
+        "keyword", "dense", "hybrid", "fusion_only", "personalized_hybrid",
     }  # fmt: skip
     assert 0.0 < result.metrics["hybrid_ndcg_10"] <= 1.0
     assert (tmp_path / "eval" / "table.md").read_text().startswith("| kind |")
