@@ -36,6 +36,25 @@ EPOCHS = 20
 LR = 1e-3
 EMBEDDING_WEIGHT_DECAY = 0.1
 WARMUP_RATIO = 0.065  # 100 of the 20 x 77 steps
+# Tried on top of these settings (text tower on, one seed, SASRecConfig options that
+# all default to off), valid NDCG@10 (HR@10) -> test NDCG@10 (HR@10); ItemKNN is
+# valid 0.0899 (0.1270) -> test 0.0888 (0.1227); 10-epoch runs: cosine schedule over
+# 10 epochs, the rest as above:
+#   these settings, dot-product scores          0.0895          -> 0.0821 (0.1195)
+#   normalize (cosine, temp. 0.1), 20 epochs    0.0888 (0.1352) -> 0.0814 (0.1181)
+#   normalize + label_smoothing 0.1, 10 epochs  0.0890 (0.1356) -> 0.0813 (0.1169)
+#   normalize + reverse_prob 0.5, 10 epochs     0.0892 (0.1375) -> 0.0809 (0.1153)
+#   norm. + smoothing 0.1 + item_mask_prob 0.1  0.0896 (0.1369) -> 0.0819 (0.1194)
+#   norm. + smoothing 0.1 + reverse_prob 0.5    0.0899 (0.1387) -> 0.0813 (0.1154)
+#   norm. + smoothing + popularity_adjust 0.5   0.0860 (0.1273) -> 0.0800 (0.1128)
+# Cosine scores learn twice as fast (valid 0.085 after 3 epochs) but overfit after
+# epoch 6; smoothing, masking and reversal trade that back, to within a seed's noise
+# of the dot-product settings, which are kept. Valid HR@10 beats ItemKNN's by 6-9 %
+# in every cosine run but the last, valid NDCG@10 never by more than noise, and
+# every SASRec loses 8-9 % NDCG@10 from valid to test while ItemKNN loses 1 %
+# (popularity 16 %, ALS 8 %): the test targets are the newest interactions, and what
+# a model learns of the training period's popularity holds less there. Taking
+# popularity out in training (logit adjustment) did not help either.
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +96,9 @@ def train(
 @pytest.mark.xfail(
     reason="not met yet: measured test NDCG@10 SASRec+text 0.0821 (HR@10 0.1195; "
     "valid 0.0895) vs ItemKNN 0.0888 (HR@10 0.1227; valid 0.0899), fitted on the "
-    "same training histories; see issue 6 notes",
+    "same training histories; cosine scores, label smoothing, item masking, "
+    "reversed windows and logit adjustment reach valid 0.0899 at best and test "
+    "0.0819 at best (see the comment at the top); issue 6 notes",
     strict=False,
 )
 def test_sasrec_beats_every_baseline(

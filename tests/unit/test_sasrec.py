@@ -6,7 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import torch.nn.functional as F  # noqa: N812 (PyTorch convention)
 
+from shopml.models.export import InferenceModel
 from shopml.models.sasrec import SASRec, SASRecConfig, left_pad
 
 N_ITEMS = 30
@@ -123,8 +125,23 @@ def test_too_long_a_sequence_is_rejected() -> None:
         ("loss", "hinge", "loss='hinge' is not supported"),
         ("dropout", 1.0, "dropout=1.0"),
         ("n_items", 0, "n_items=0"),
+        ("temperature", 0.0, "temperature=0.0 must be positive"),
+        ("label_smoothing", 1.0, "label_smoothing=1.0"),
+        ("item_mask_prob", -0.1, "item_mask_prob=-0.1"),
+        ("reverse_prob", 1.0, "reverse_prob=1.0"),
+        ("popularity_adjust", -1.0, "popularity_adjust=-1.0"),
     ],
-    ids=["heads-not-dividing-hidden", "unknown-loss", "dropout-one", "no-items"],
+    ids=[
+        "heads-not-dividing-hidden",
+        "unknown-loss",
+        "dropout-one",
+        "no-items",
+        "zero-temperature",
+        "smoothing-one",
+        "negative-mask",
+        "reverse-one",
+        "negative-popularity-adjust",
+    ],
 )
 def test_config_rejects_bad_values(field: str, value: object, message: str) -> None:
     values: dict[str, object] = {"n_items": 10, "hidden_size": 32, field: value}
@@ -283,3 +300,166 @@ def test_unseen_items_score_by_text_alone_and_are_no_negatives() -> None:
     assert not torch.allclose(table[1:11], text_only[1:11])
     grad = model.item_embedding.weight.grad
     assert grad is not None and grad[11:].abs().sum() == 0.0
+
+
+def cosine_model(text: bool = False) -> SASRec:
+    """A seeded tiny model that scores by scaled cosine similarity."""
+    torch.manual_seed(0)
+    config = SASRecConfig(
+        n_items=N_ITEMS,
+        max_seq_len=MAX_SEQ_LEN,
+        hidden_size=32,
+        dropout=0.0,
+        normalize=True,
+        temperature=0.05,
+        text_dim=8 if text else 0,
+    )
+    item_text = torch.randn(N_ITEMS + 1, 8) if text else None
+    return SASRec(config, item_text=item_text)
+
+
+@pytest.mark.parametrize("text", [False, True], ids=["id-only", "text"])
+def test_cosine_scores_are_scaled_cosines_of_unit_items(text: bool) -> None:
+    model = cosine_model(text).eval()
+    item_seq = random_seqs(3)
+
+    table = model.item_table()
+    hidden = model(item_seq)[:, -1, :]
+    scores = model.full_sort_scores(item_seq)
+
+    torch.testing.assert_close(table[1:].norm(dim=1), torch.ones(N_ITEMS))
+    assert torch.equal(table[0], torch.zeros(32))
+    torch.testing.assert_close(hidden.norm(dim=1), torch.full((3,), 20.0))  # 1 / 0.05
+    cosines = F.normalize(hidden, dim=1) @ F.normalize(table[1:], dim=1).T
+    torch.testing.assert_close(scores[:, 1:], 20.0 * cosines)
+
+
+def test_a_cosine_model_serves_through_the_item_matrix_export() -> None:
+    model = cosine_model(text=True).eval()
+    item_seq = random_seqs(3)
+
+    served = InferenceModel.from_model(model).full_sort_scores(item_seq)
+
+    torch.testing.assert_close(served, model.full_sort_scores(item_seq))
+
+
+def test_the_cosine_temperature_is_learned() -> None:
+    model = cosine_model()
+    item_seq, pos_items = cyclic_batch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    assert model.logit_scale is not None
+    before = float(model.logit_scale.detach())
+
+    for _ in range(60):
+        loss = model.calculate_loss(item_seq, pos_items)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    model.eval()
+    predicted = model.full_sort_scores(left_pad([[3, 4, 5], [9, 10]], MAX_SEQ_LEN))
+    assert predicted.argmax(dim=1).tolist() == [6, 1]
+    assert float(model.logit_scale.detach()) != before
+
+
+def test_label_smoothing_spreads_mass_over_candidate_items_only() -> None:
+    torch.manual_seed(0)
+    config = SASRecConfig(
+        n_items=N_ITEMS,
+        max_seq_len=MAX_SEQ_LEN,
+        hidden_size=32,
+        dropout=0.0,
+        text_dim=8,
+        label_smoothing=0.2,
+    )
+    model = SASRec(config, item_text=torch.randn(N_ITEMS + 1, 8)).eval()
+    model.set_seen_items([torch.arange(1, 11).numpy()])  # only items 1..10 count
+    item_seq = left_pad([[1, 2, 3]], MAX_SEQ_LEN)
+    pos_items = left_pad([[2, 3, 4]], MAX_SEQ_LEN)
+
+    loss = model.calculate_loss(item_seq, pos_items)
+
+    logits = model._item_logits(model(item_seq)[0, -3:])[:, 1:11]  # [3, 10]
+    expected = F.cross_entropy(logits, torch.tensor([1, 2, 3]), label_smoothing=0.2)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_item_masking_hides_history_items_only_in_training() -> None:
+    torch.manual_seed(0)
+    config = SASRecConfig(
+        n_items=N_ITEMS,
+        max_seq_len=MAX_SEQ_LEN,
+        hidden_size=32,
+        dropout=0.0,
+        item_mask_prob=0.5,
+    )
+    model = SASRec(config)
+    item_seq = random_seqs(4)
+
+    torch.manual_seed(1)
+    masked = model.train()(item_seq)
+    torch.manual_seed(2)
+    masked_again = model(item_seq)
+    plain = model.eval()(item_seq)
+
+    assert not torch.allclose(masked, masked_again)
+    assert torch.equal(plain, model(item_seq))
+    assert torch.equal(masked == 0, plain == 0)  # padding stays padding
+
+
+def test_reversed_windows_read_the_same_items_backwards() -> None:
+    config = SASRecConfig(n_items=N_ITEMS, max_seq_len=5, reverse_prob=0.999999)
+    model = SASRec(config)
+    item_seq = left_pad([[1, 2, 3], [4, 5, 6, 7, 8], [9]], 5)
+    pos_items = left_pad([[2, 3, 10], [5, 6, 7, 8, 11], [12]], 5)
+
+    inputs, targets = model._reverse_some(item_seq, pos_items)
+
+    assert inputs.tolist() == [[0, 0, 10, 3, 2], [11, 8, 7, 6, 5], [0, 0, 0, 0, 12]]
+    assert targets.tolist() == [[0, 0, 3, 2, 1], [8, 7, 6, 5, 4], [0, 0, 0, 0, 9]]
+
+
+def test_windows_are_reversed_only_in_training() -> None:
+    torch.manual_seed(0)
+    config = SASRecConfig(
+        n_items=N_ITEMS,
+        max_seq_len=MAX_SEQ_LEN,
+        hidden_size=32,
+        dropout=0.0,
+        reverse_prob=0.5,
+    )
+    model = SASRec(config)
+    item_seq, pos_items = cyclic_batch()
+
+    evaluated = model.eval().calculate_loss(item_seq, pos_items)
+    torch.testing.assert_close(model.calculate_loss(item_seq, pos_items), evaluated)
+    trained = model.train().calculate_loss(item_seq, pos_items)
+    assert not torch.isclose(trained, evaluated)
+
+
+def test_logit_adjustment_adds_log_counts_in_training_only() -> None:
+    torch.manual_seed(0)
+    config = SASRecConfig(
+        n_items=N_ITEMS,
+        max_seq_len=MAX_SEQ_LEN,
+        hidden_size=32,
+        dropout=0.0,
+        popularity_adjust=0.5,
+    )
+    model = SASRec(config)
+    model.set_seen_items(
+        [torch.tensor([1, 2, 3, 3]).numpy(), torch.tensor([3]).numpy()]
+    )
+    item_seq = left_pad([[1, 2, 3]], MAX_SEQ_LEN)
+    pos_items = left_pad([[2, 3, 4]], MAX_SEQ_LEN)
+    counts = torch.zeros(N_ITEMS + 1)
+    counts[[1, 2, 3]] = torch.tensor([1.0, 1.0, 3.0])
+
+    logits = model._item_logits(model(item_seq)[0, -3:])  # [3, N], no dropout
+    adjusted = F.cross_entropy(logits + 0.5 * torch.log1p(counts), pos_items[0, -3:])
+    plain = F.cross_entropy(logits, pos_items[0, -3:])
+
+    torch.testing.assert_close(
+        model.train().calculate_loss(item_seq, pos_items), adjusted
+    )
+    torch.testing.assert_close(model.eval().calculate_loss(item_seq, pos_items), plain)
