@@ -58,6 +58,8 @@ class TrainParams:
         loss: ``ce`` (full softmax), ``sampled`` or ``bce``.
         n_negatives: negatives per batch for the ``sampled`` loss.
         lr: peak learning rate.
+        schedule_epochs: epochs the warm-up + cosine learning-rate schedule spans; 0
+            spans all ``epochs``.
         batch_size: training windows per step.
         patience: validation rounds without improvement before stopping.
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -84,6 +86,7 @@ class TrainParams:
     loss: str = "ce"
     n_negatives: int = 256
     lr: float = 2e-3
+    schedule_epochs: int = 0
     batch_size: int = 128
     patience: int = 5
     device: str = "auto"
@@ -187,6 +190,7 @@ def _configs(params: TrainParams, n_items: int) -> tuple[SASRecConfig, TrainConf
         epochs=params.epochs,
         batch_size=params.batch_size,
         lr=params.lr,
+        schedule_epochs=params.schedule_epochs or None,
         patience=params.patience,
         seed=params.seed,
         device=params.device,

@@ -64,8 +64,13 @@ class TrainConfig:
         embedding_weight_decay: AdamW decoupled weight decay of the item and position
             embedding tables; 0 (the default) leaves them undecayed. Sparse data with
             few interactions per item (Amazon 5-core) gains from a little.
-        warmup_ratio: fraction of all steps spent warming the learning rate up linearly
-            from 0; the rest decays it along a cosine to 0.
+        warmup_ratio: fraction of all scheduled steps spent warming the learning rate
+            up linearly from 0; the rest decays it along a cosine to 0.
+        schedule_epochs: epochs the warm-up + cosine schedule spans; ``None`` spans
+            all ``epochs``. Early stopping usually ends a run long before a generous
+            ``epochs`` cap, when a schedule spanning the cap has barely decayed; past
+            ``schedule_epochs`` the learning rate stays 0 (and early stopping ends the
+            run).
         patience: evaluations without a better validation NDCG@10 before stopping.
         min_steps: early stopping waits for at least this many optimisation steps, so
             small data sets (a step or two per epoch) get enough updates.
@@ -82,6 +87,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     embedding_weight_decay: float = 0.0
     warmup_ratio: float = 0.05
+    schedule_epochs: int | None = None
     patience: int = 10
     min_steps: int = 200
     seed: int = 42
@@ -98,6 +104,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "patience", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.schedule_epochs is not None and self.schedule_epochs < 1:
+            raise ValueError(
+                f"schedule_epochs={self.schedule_epochs} must be at least 1 or None"
+            )
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be positive")
         for name in ("weight_decay", "embedding_weight_decay"):
@@ -535,7 +545,9 @@ def _make_loop(
 ) -> _Loop:
     """Optimiser, schedule and (under torchrun) the DDP wrapper around the loss."""
     optimizer = _optimizer(model, config)
-    total_steps = _batches(n_windows, config) * config.epochs
+    total_steps = _batches(n_windows, config) * (
+        config.schedule_epochs or config.epochs
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(total_steps, config.warmup_ratio)
     )

@@ -22,8 +22,10 @@ from shopml.sequences import LeaveOneOutSplit, split_events
 from shopml.storage import LocalStore
 from shopml.training import (
     Checkpointer,
+    DistContext,
     TrainConfig,
     _lr_lambda,
+    _make_loop,
     _optimizer,
     train_sasrec,
     training_windows,
@@ -103,6 +105,25 @@ def test_learning_rate_warms_up_then_decays_to_zero() -> None:
     assert factor(9) == pytest.approx(1.0)
     assert factor(55) == pytest.approx(0.5)
     assert factor(100) == pytest.approx(0.0)
+
+
+def test_the_schedule_can_span_fewer_epochs_than_the_cap(
+    split: LeaveOneOutSplit,
+) -> None:
+    model_config, train_config = tiny_configs(split, epochs=10)
+    train_config.schedule_epochs = 2
+    rng = np.random.default_rng(0)
+
+    # 32 windows in batches of 16: 2 steps an epoch, 4 scheduled steps, 1 warming up
+    loop = _make_loop(SASRec(model_config), split, train_config, rng, DistContext(), 32)
+
+    factor = loop.scheduler.lr_lambdas[0]  # type: ignore[attr-defined]
+    assert factor(0) == pytest.approx(1.0)
+    assert factor(2) == pytest.approx(0.75)
+    assert factor(4) == pytest.approx(0.0)
+    assert factor(19) == pytest.approx(0.0)  # the cap's last step: still 0
+    with pytest.raises(ValueError, match="schedule_epochs=0"):
+        TrainConfig(schedule_epochs=0)
 
 
 def test_embedding_tables_get_their_own_weight_decay(split: LeaveOneOutSplit) -> None:
