@@ -7,7 +7,7 @@ Run::
         --host 127.0.0.1 --torch-threads 1 --no-feature-store
     python -m serving --model-dir DIR --catalog curated/catalog.parquet \\
         --lookup-timeout-ms 250 --max-batch-size 32 --max-wait-ms 2 \\
-        --max-in-flight 32 --max-body-bytes 262144
+        --max-in-flight 32 --max-body-bytes 262144 --body-timeout-s 10
 
 The server binds 127.0.0.1 unless ``--host`` says otherwise (a pod passes ``0.0.0.0``)
 and never opens gRPC. User histories come from the online feature store described by the
@@ -15,9 +15,13 @@ and never opens gRPC. User histories come from the online feature store describe
 ``item_ids``. ``--catalog`` (a canonical catalog file with ``item_id`` and
 ``category``) enables the ``exclude_categories`` filter. Inference requests beyond
 ``--max-in-flight`` get 503 at once (load shedding; health checks are never shed) and
-bodies over ``--max-body-bytes`` get 413 (:mod:`serving.admission`). Prometheus metrics
-are on ``/metrics``. The process exits with status 1 when the artifact cannot be
-loaded, so it never reports Ready.
+bodies over ``--max-body-bytes`` get 413; a body not complete within
+``--body-timeout-s`` gets 408 and holds no in-flight slot meanwhile
+(:mod:`serving.admission`). Error bodies never quote what the client sent: an unknown
+model name gets 404 without the name, and request-validation errors (422) keep only
+where and what, never the client's input. Prometheus metrics are on ``/metrics``.
+The process exits with status 1 when the artifact cannot be loaded, so it never
+reports Ready.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve import ModelServer
 from kserve.errors import (
@@ -43,11 +48,13 @@ from kserve.errors import (
 )
 
 from serving.admission import (
+    DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_IN_FLIGHT,
     AdmissionMiddleware,
 )
 from serving.batching import DEFAULT_MAX_WAIT_MS
+from serving.protocol import shown_names
 from serving.recommender import DEFAULT_LOOKUP_TIMEOUT_S, RecommenderModel
 from shopml.config import load_settings
 from shopml.features import OnlineFeatureClient
@@ -77,6 +84,7 @@ class BoundModelServer(ModelServer):
         http_port: the HTTP port.
         max_in_flight: inference requests served at once; more get 503.
         max_body_bytes: largest request body accepted; larger ones get 413.
+        body_timeout_s: seconds a client has to send its whole body; later gets 408.
     """
 
     def __init__(
@@ -86,6 +94,7 @@ class BoundModelServer(ModelServer):
         *,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     ) -> None:
         self.trace_requests = logging.getLogger("kserve.trace").isEnabledFor(
             logging.INFO
@@ -99,6 +108,7 @@ class BoundModelServer(ModelServer):
         self.host = host
         self.max_in_flight = max_in_flight
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     def setup_event_loop(self) -> None:
         """Point the REST server at ``self.host``, choose its middlewares, then set
@@ -124,6 +134,7 @@ class BoundModelServer(ModelServer):
                 AdmissionMiddleware,
                 max_in_flight=self.max_in_flight,
                 max_body_bytes=self.max_body_bytes,
+                body_timeout_s=self.body_timeout_s,
             )
 
         add_kserve_handlers = rest_server._add_exception_handlers
@@ -132,6 +143,8 @@ class BoundModelServer(ModelServer):
             add_kserve_handlers(app)
             for error, status in CLIENT_ERRORS.items():
                 app.add_exception_handler(error, _client_error_handler(status))
+            app.add_exception_handler(ModelNotFound, _model_not_found_handler)
+            app.add_exception_handler(RequestValidationError, _validation_handler)
 
         # RESTServer.start (awaited after this hook) builds the app and calls these.
         rest_server._add_middlewares = add_middlewares
@@ -145,13 +158,57 @@ class BoundModelServer(ModelServer):
 
 
 #: Client mistakes answered without a traceback in the log: KServe's own handlers log
-#: each one at ERROR with its stack (about 20 lines a request) and its message, which
-#: may quote the URL's model name.
+#: each one at ERROR with its stack (about 20 lines a request) and its message.
+#: ``ModelNotFound`` has a handler of its own: its message quotes the URL's model name.
 CLIENT_ERRORS: dict[type[Exception], HTTPStatus] = {
     InvalidInput: HTTPStatus.BAD_REQUEST,
-    ModelNotFound: HTTPStatus.NOT_FOUND,
     UnsupportedProtocol: HTTPStatus.BAD_REQUEST,
 }
+
+NO_SUCH_MODEL = "no such model; GET /v1/models or /v2/models lists the served models"
+
+
+async def _model_not_found_handler(_request: Any, _error: Exception) -> JSONResponse:
+    """404 without the requested name: a client may put anything in the URL."""
+    logger.warning("rejected request: ModelNotFound (404)")
+    return JSONResponse(
+        status_code=HTTPStatus.NOT_FOUND, content={"error": NO_SUCH_MODEL}
+    )
+
+
+def validation_details(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """FastAPI's validation errors without anything the client sent.
+
+    Each error keeps ``type``, ``msg`` and ``loc`` (where a name in ``loc`` that is not
+    shaped like a field name is replaced, as it may be a client's dict key); ``input``
+    (the whole offending value, often the body) and ``ctx`` are dropped.
+
+    Args:
+        errors: ``RequestValidationError.errors()``.
+
+    Returns:
+        One dict per error with ``loc``, ``type`` and ``msg``.
+    """
+    details = []
+    for error in errors:
+        loc = [
+            part if isinstance(part, int) else shown_names([part])[0]
+            for part in error.get("loc", ())
+        ]
+        details.append(
+            {"loc": loc, "type": str(error.get("type")), "msg": str(error.get("msg"))}
+        )
+    return details
+
+
+async def _validation_handler(_request: Any, error: Exception) -> JSONResponse:
+    """422 naming where the body is wrong, never echoing the body (FastAPI does)."""
+    errors = error.errors() if isinstance(error, RequestValidationError) else []
+    logger.warning("rejected request: RequestValidationError (422)")
+    return JSONResponse(
+        status_code=HTTPStatus.UNPROCESSABLE_ENTITY,
+        content={"detail": validation_details(errors)},
+    )
 
 
 def _client_error_handler(
@@ -221,6 +278,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=DEFAULT_MAX_BODY_BYTES,
         help="largest request body; larger ones get 413",
+    )
+    parser.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=DEFAULT_BODY_TIMEOUT_S,
+        help="seconds a client has to send an inference body; later gets 408",
     )
     return parser.parse_args(argv)
 
@@ -321,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         http_port=args.http_port,
         max_in_flight=args.max_in_flight,
         max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout_s,
     )
     logger.info(
         "serving model=%s on http://%s:%d (grpc disabled)",

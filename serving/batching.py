@@ -5,15 +5,19 @@ for more to arrive (or until ``max_batch_size`` rows are queued), and runs them 
 in one call. A batch whose call fails is retried request by request, so one bad request
 never fails its neighbours.
 
-Where the call runs: ``inline=True`` runs it on the event loop itself, for a batch
-function that only computes (the recommender's ranking); ``inline=False`` (the
-default) runs it on one worker thread, for a batch function that blocks on I/O. On a
-one-core server the worker thread buys no parallelism, only hand-offs and GIL
-contention with the loop. Measured at 300 req/s on the 100k-item catalog
-(``make bench-serve`` setting, busy 2-core machine, three runs each): inline used
-2.47-2.57 ms of server CPU per request against 2.55-2.79 ms on the thread, p99
-3.7-7.6 ms against 4.0-8.4 ms (one thread run hit 127 ms); at saturation the two were
-within noise. Inline, a health check waits at most for the batch in progress.
+Where the call runs: a batch whose cost (the sum of ``row_cost`` over its rows) is at
+most ``inline_max_cost`` runs on the event loop itself; any other batch runs on one
+worker thread. The default (``inline_max_cost=0``) sends every batch to the thread, for
+a batch function that blocks on I/O. On a one-core server the worker thread buys no
+parallelism, only hand-offs and GIL contention with the loop, so cheap compute-only
+batches (the recommender's usual one-row top-10) are better inline. Measured at 300
+req/s on the 100k-item catalog (``make bench-serve`` setting, busy 2-core machine,
+three runs each): inline used 2.47-2.57 ms of server CPU per request against 2.55-2.79
+ms on the thread, p99 3.7-7.6 ms against 4.0-8.4 ms; at saturation the two were within
+noise. But an inline batch stalls everything else on the loop, health checks
+included, for as long as it runs: a 256-row ``:explain`` took 1.6 s, and eight of them
+held ``/v2/health/ready`` for 8.2 s. Heavy batches therefore go to the thread, where
+the loop keeps answering between the GIL hand-offs.
 
 The queue belongs to the event loop it was first used on; a new loop (each
 ``asyncio.run`` in tests) gets a new queue and worker.
@@ -76,11 +80,14 @@ class MicroBatcher(Generic[RowT, ResultT]):
         max_wait_ms: longest time the first queued request waits for company; with
             0, a batch is whatever queued while the previous one ran.
         on_batch: called after every batch with its figures (metrics).
-        inline: run batches on the event loop (compute-only ``run_batch``) instead of
-            on a worker thread.
+        inline_max_cost: batches costing at most this run on the event loop
+            (compute-only ``run_batch``); costlier ones run on the worker thread.
+            0 runs every batch on the thread.
+        row_cost: the cost of one row; 1 by default, so the cost is the row count.
 
     Raises:
-        ValueError: ``max_batch_size`` below 1 or ``max_wait_ms`` below 0.
+        ValueError: ``max_batch_size`` below 1, ``max_wait_ms`` or
+            ``inline_max_cost`` below 0.
     """
 
     def __init__(
@@ -90,17 +97,21 @@ class MicroBatcher(Generic[RowT, ResultT]):
         max_batch_size: int = 32,
         max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
         on_batch: Callable[[BatchStats], None] | None = None,
-        inline: bool = False,
+        inline_max_cost: float = 0.0,
+        row_cost: Callable[[RowT], float] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be at least 1")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms={max_wait_ms} must be 0 or more")
+        if inline_max_cost < 0:
+            raise ValueError(f"inline_max_cost={inline_max_cost} must be 0 or more")
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
         self.on_batch = on_batch
-        self.inline = inline
+        self.inline_max_cost = inline_max_cost
+        self.row_cost = row_cost
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[_Pending[RowT, ResultT]] | None = None
@@ -141,8 +152,11 @@ class MicroBatcher(Generic[RowT, ResultT]):
         while True:
             batch = await self._collect(queue)
             started = time.perf_counter()
-            if self.inline:
+            if self.runs_inline(batch):
                 outcomes = self._run(batch)
+                # Let the loop serve others (health checks) before the next batch:
+                # a full queue would otherwise chain inline batches without a break.
+                await asyncio.sleep(0)
             else:
                 outcomes = await loop.run_in_executor(self._executor, self._run, batch)
             run_s = time.perf_counter() - started
@@ -168,7 +182,7 @@ class MicroBatcher(Generic[RowT, ResultT]):
     ) -> list[_Pending[RowT, ResultT]]:
         """The first waiting request plus whatever arrives within ``max_wait_s``."""
         batch = [await queue.get()]
-        if self.inline and queue.empty():
+        if self.inline_max_cost > 0 and queue.empty():
             # Let requests already read by the loop reach the queue: after an inline
             # batch they are parsed in the same turn as the first one.
             await asyncio.sleep(0)
@@ -189,6 +203,23 @@ class MicroBatcher(Generic[RowT, ResultT]):
             batch.append(pending)
             rows += len(pending.rows)
         return batch
+
+    def cost(self, rows: Sequence[RowT]) -> float:
+        """The cost of some rows: their count, or the sum of ``row_cost``."""
+        if self.row_cost is None:
+            return float(len(rows))
+        return sum(self.row_cost(row) for row in rows)
+
+    def runs_inline(self, batch: Sequence[_Pending[RowT, ResultT]]) -> bool:
+        """Whether a batch is cheap enough to run on the event loop."""
+        if self.inline_max_cost <= 0:
+            return False
+        cost = 0.0
+        for pending in batch:
+            cost += self.cost(pending.rows)
+            if cost > self.inline_max_cost:
+                return False
+        return True
 
     def _run(
         self, batch: list[_Pending[RowT, ResultT]]

@@ -14,16 +14,19 @@ v1 (``POST /v1/models/<name>:predict``)::
 
 v2 (``POST /v2/models/<name>/infer``): input ``user_id`` (BYTES [B]) or ``item_ids``
 (BYTES [B, L] or [L] for one row; ``""`` pads short rows) and optional ``k`` (INT32
-[1] or [B]); outputs ``item_ids`` and ``titles`` (BYTES [B, K]), ``scores`` (FP32
+or another integer datatype, [1] or [B]; every value must be an integer that fits the
+datatype); outputs ``item_ids`` and ``titles`` (BYTES [B, K]), ``scores`` (FP32
 [B, K]) and ``unknown_item_ids`` (BYTES [B, U]). Rows with fewer than K items are
 padded with ``""`` and a NaN score (JSON ``null``); that happens only when a history
 covers nearly the whole catalog.
 
 Business filters: ``exclude_item_ids`` and ``exclude_categories`` (v1 fields; v2 BYTES
 inputs of shape [E] that apply to every row). ``"explain": true`` on a v1 row asks for
-explanations. Requests are limited to ``MAX_ROWS`` rows and ``MAX_LIST_ITEMS`` ids per
-list. Error messages never quote a raw user id or a value that may be personal data:
-KServe logs every ``InvalidInput`` message.
+explanations; v2 has no explanation outputs, so a v2 request with an ``explain``
+parameter is rejected (400) rather than silently answered without them. Requests are
+limited to ``MAX_ROWS`` rows and ``MAX_LIST_ITEMS`` ids per list. Error messages
+never quote a raw user id or a value that may be personal data: KServe logs every
+``InvalidInput`` message.
 """
 
 from __future__ import annotations
@@ -52,15 +55,16 @@ QUERY_FIELDS = ("user_id", "item_ids", "k")
 V1_FIELDS = (*QUERY_FIELDS, *FILTER_FIELDS, "explain")
 V2_INPUTS = (*QUERY_FIELDS, *FILTER_FIELDS)
 
-_INT_DATATYPES = {
-    "INT8",
-    "INT16",
-    "INT32",
-    "INT64",
-    "UINT8",
-    "UINT16",
-    "UINT32",
-    "UINT64",
+#: The integer datatypes of the v2 protocol and the values each can hold.
+_INT_RANGES = {
+    "INT8": (-(2**7), 2**7 - 1),
+    "INT16": (-(2**15), 2**15 - 1),
+    "INT32": (-(2**31), 2**31 - 1),
+    "INT64": (-(2**63), 2**63 - 1),
+    "UINT8": (0, 2**8 - 1),
+    "UINT16": (0, 2**16 - 1),
+    "UINT32": (0, 2**32 - 1),
+    "UINT64": (0, 2**64 - 1),
 }
 
 
@@ -346,9 +350,10 @@ def _v2_strings(infer_input: InferInput) -> np.ndarray:
         )
     try:
         array = infer_input.as_numpy()
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, OverflowError) as err:
+        # The numpy message may quote the data: it is not passed on.
         raise InvalidInput(
-            f"input '{name}' data does not fit its shape {infer_input.shape}: {err}"
+            f"input '{name}' data does not fit its shape {infer_input.shape}"
         ) from err
 
     values = []
@@ -363,27 +368,69 @@ def _v2_strings(infer_input: InferInput) -> np.ndarray:
     return np.array(values, dtype=object).reshape(array.shape)
 
 
+def _flat(data: Any) -> list[Any]:
+    """The elements of JSON tensor data, nested lists flattened."""
+    if not isinstance(data, list | tuple):
+        return [data]
+    return [element for part in data for element in _flat(part)]
+
+
+def _check_v2_ints(infer_input: InferInput) -> None:
+    """JSON data of an integer input must hold integers its datatype can represent.
+
+    numpy would truncate ``2.7`` to 2 and raise ``OverflowError`` for 300 as UINT8;
+    both are the client's mistake (400), checked here before numpy sees the data.
+    """
+    name, datatype = infer_input.name, infer_input.datatype
+    low, high = _INT_RANGES[datatype]
+    for position, value in enumerate(_flat(infer_input.data)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise InvalidInput(
+                f"input '{name}' ({datatype}) element {position}{shown_value(value)} "
+                f"must be an integer, got {type(value).__name__}"
+            )
+        if not low <= int(value) <= high:
+            raise InvalidInput(
+                f"input '{name}' ({datatype}) element {position}={int(value)} does not "
+                f"fit datatype {datatype} ({low}..{high})"
+            )
+
+
 def _v2_ks(infer_input: InferInput | None, n_rows: int) -> list[int]:
     """The ``k`` of every row: input ``k`` of shape [1] (all rows) or [B]."""
     if infer_input is None:
         return [DEFAULT_K] * n_rows
-    if infer_input.datatype not in _INT_DATATYPES:
+    if infer_input.datatype not in _INT_RANGES:
         raise InvalidInput(
             f"input 'k' has datatype {shown_datatype(infer_input.datatype)}; "
             "it must be INT32"
         )
+    if isinstance(infer_input.data, list | tuple):
+        _check_v2_ints(infer_input)
     try:
         values = infer_input.as_numpy().reshape(-1)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, OverflowError) as err:
         raise InvalidInput(
-            f"input 'k' data does not fit its shape {infer_input.shape}: {err}"
+            f"input 'k' ({infer_input.datatype}) data does not fit its shape "
+            f"{infer_input.shape}"
         ) from err
     if len(values) not in {1, n_rows}:
+        allowed = "[1]" if n_rows == 1 else f"[1] or [{n_rows}]"
         raise InvalidInput(
-            f"input 'k' has shape {infer_input.shape}; it must be [1] or [{n_rows}]"
+            f"input 'k' has shape {infer_input.shape}; it must be {allowed}"
         )
     ks = [parse_k(value, f"k[{i}]") for i, value in enumerate(values)]
     return ks * n_rows if len(ks) == 1 else ks
+
+
+def _check_v2_parameters(request: InferRequest) -> None:
+    """Refuse request parameters the server would otherwise silently ignore."""
+    parameters = request.parameters or {}
+    if "explain" in parameters:
+        raise InvalidInput(
+            "parameter 'explain' is not supported on v2 (no explanation outputs); "
+            'use the v1 :explain route or "explain": true on a v1 row'
+        )
 
 
 def _check_v2_size(name: str, rows: int, width: int) -> None:
@@ -440,8 +487,11 @@ def parse_v2_request(request: InferRequest) -> list[RecommendationQuery]:
 
     Raises:
         InvalidInput: unknown or repeated inputs, both or neither of
-            user_id/item_ids, wrong datatypes or shapes, or a bad ``k``.
+            user_id/item_ids, wrong datatypes or shapes, a bad ``k`` (not an integer,
+            out of its datatype's range or of 1..``MAX_K``), or an ``explain``
+            parameter (v2 has no explanation outputs: use v1 ``:explain``).
     """
+    _check_v2_parameters(request)
     names = [infer_input.name for infer_input in request.inputs]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:

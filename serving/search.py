@@ -250,8 +250,12 @@ def _v2_column(infer_input: InferInput | None, n_rows: int, kind: str) -> list[A
         )
     try:
         values = infer_input.as_numpy().reshape(-1).tolist()
-    except (ValueError, TypeError) as err:
-        raise InvalidInput(f"input '{name}' does not fit its shape: {err}") from err
+    except (ValueError, TypeError, OverflowError) as err:
+        # numpy's message may quote the data (a client's text): not passed on.
+        raise InvalidInput(
+            f"input '{name}' ({shown_datatype(infer_input.datatype)}) data does not "
+            f"fit its datatype and shape {infer_input.shape}"
+        ) from err
     if len(values) not in {1, n_rows}:
         raise InvalidInput(
             f"input '{name}' has {len(values)} values; it must have 1 or {n_rows}"
@@ -277,8 +281,10 @@ def parse_v2_search(request: InferRequest) -> list[SearchQuery]:
         )
     try:
         n_rows = inputs["query"].as_numpy().size
-    except (ValueError, TypeError) as err:
-        raise InvalidInput(f"input 'query' does not fit its shape: {err}") from err
+    except (ValueError, TypeError, OverflowError) as err:
+        raise InvalidInput(
+            f"input 'query' data does not fit its shape {inputs['query'].shape}"
+        ) from err
     if n_rows == 0:
         raise InvalidInput("input 'query' is empty; it must be BYTES [B] with B >= 1")
     queries = _v2_column(inputs["query"], n_rows, "str")

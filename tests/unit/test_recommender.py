@@ -429,3 +429,70 @@ def test_feature_client_without_pseudonymizer_is_rejected(artifact_dir: Path) ->
     client = OnlineFeatureClient.__new__(OnlineFeatureClient)  # never contacted
     with pytest.raises(ValueError, match="needs a pseudonymizer"):
         RecommenderModel("recommender", artifact_dir, client, None)
+
+
+def k_input(
+    datatype: str, data: list[Any], shape: list[int] | None = None
+) -> InferInput:
+    return InferInput("k", shape or [len(data)], datatype, data)
+
+
+@pytest.mark.parametrize(
+    ("k", "expected"),
+    [
+        pytest.param(
+            k_input("UINT8", [300]),
+            r"input 'k' \(UINT8\) element 0=300 does not fit datatype UINT8",
+            id="uint8",
+        ),
+        pytest.param(
+            k_input("INT8", [-200]), r"element 0=-200 does not fit datatype INT8"
+        ),
+        pytest.param(
+            k_input("INT16", [70000]), r"element 0=70000 does not fit datatype INT16"
+        ),
+        pytest.param(
+            k_input("INT32", [2**40]),
+            rf"element 0={2**40} does not fit datatype INT32",
+            id="int32",
+        ),
+        pytest.param(
+            k_input("UINT64", [-1]), r"element 0=-1 does not fit datatype UINT64"
+        ),
+        pytest.param(
+            k_input("INT32", [2.7]),
+            r"input 'k' \(INT32\) element 0=2.7 must be an integer, got float",
+            id="fraction",
+        ),
+        pytest.param(
+            k_input("INT32", [3, 4]),
+            r"input 'k' has shape \[2\]; it must be \[1\]$",
+            id="k-shape-one-row",
+        ),
+    ],
+)
+def test_v2_k_outside_its_datatype_or_not_an_integer_is_invalid_input(
+    model: RecommenderModel, k: InferInput, expected: str
+) -> None:
+    with pytest.raises(InvalidInput, match=expected):
+        call(model, v2_request([bytes_input("item_ids", [1], ["101"]), k]))
+
+
+def test_v2_k_as_text_is_refused_without_echoing_it(model: RecommenderModel) -> None:
+    k = k_input("INT32", ["alice@example.com"])
+
+    with pytest.raises(InvalidInput) as raised:
+        call(model, v2_request([bytes_input("item_ids", [1], ["101"]), k]))
+
+    assert "input 'k' (INT32) element 0 must be an integer, got str" in str(
+        raised.value
+    )
+    assert "alice" not in str(raised.value)
+
+
+def test_v2_explain_parameter_is_refused_not_ignored(model: RecommenderModel) -> None:
+    request = v2_request([bytes_input("item_ids", [1], ["101"])])
+    request.parameters = {"explain": True}
+
+    with pytest.raises(InvalidInput, match="parameter 'explain' is not supported"):
+        call(model, request)

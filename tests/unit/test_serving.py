@@ -102,19 +102,43 @@ def test_a_failing_request_does_not_fail_its_batch_neighbours() -> None:
     assert "negative row in [-1]" in str(failed)
 
 
-@pytest.mark.parametrize("inline", [False, True])
-def test_batches_run_on_the_worker_thread_or_inline(inline: bool) -> None:
+@pytest.mark.parametrize(
+    ("inline_max_cost", "rows", "inline"),
+    [(0, [1], False), (4, [1], True), (4, [1, 2, 3, 4], True), (4, [1] * 5, False)],
+)
+def test_batches_run_inline_only_up_to_their_cost_limit(
+    inline_max_cost: float, rows: list[int], inline: bool
+) -> None:
     threads: list[str] = []
 
-    def record(rows: list[int]) -> list[int]:
+    def record(batch: list[int]) -> list[int]:
         threads.append(threading.current_thread().name)
-        return rows
+        return batch
 
-    batcher = MicroBatcher(record, max_wait_ms=0, inline=inline)
-    asyncio.run(batcher.submit([1]))
+    batcher = MicroBatcher(record, max_wait_ms=0, inline_max_cost=inline_max_cost)
+    asyncio.run(batcher.submit(rows))
 
     on_loop_thread = threads[0] == threading.current_thread().name
     assert on_loop_thread is inline
+
+
+def test_row_cost_sends_one_costly_row_to_the_worker_thread() -> None:
+    threads: list[str] = []
+
+    def record(batch: list[int]) -> list[int]:
+        threads.append(threading.current_thread().name)
+        return batch
+
+    batcher = MicroBatcher(record, max_wait_ms=0, inline_max_cost=8, row_cost=float)
+
+    async def one_by_one() -> None:
+        await batcher.submit([2])
+        await batcher.submit([9])
+
+    asyncio.run(one_by_one())
+
+    loop_thread = threading.current_thread().name
+    assert [name == loop_thread for name in threads] == [True, False]
 
 
 def test_inline_batcher_batches_requests_that_queue_together() -> None:
@@ -124,7 +148,7 @@ def test_inline_batcher_batches_requests_that_queue_together() -> None:
         calls.append(rows)
         return [-row for row in rows]
 
-    batcher = MicroBatcher(record, max_wait_ms=0, inline=True)
+    batcher = MicroBatcher(record, max_wait_ms=0, inline_max_cost=8)
 
     async def burst() -> list[list[int]]:
         return await asyncio.gather(*(batcher.submit([i]) for i in range(4)))
@@ -136,6 +160,8 @@ def test_inline_batcher_batches_requests_that_queue_together() -> None:
 def test_batcher_rejects_bad_settings() -> None:
     with pytest.raises(ValueError, match="max_batch_size=0 must be at least 1"):
         MicroBatcher(list, max_batch_size=0)
+    with pytest.raises(ValueError, match="inline_max_cost=-1 must be 0 or more"):
+        MicroBatcher(list, inline_max_cost=-1)
 
 
 def test_model_batches_rows_of_concurrent_requests(model: RecommenderModel) -> None:
@@ -401,3 +427,47 @@ def test_admission_sheds_beyond_its_limit_and_never_health() -> None:
 
 async def _no_body() -> dict[str, Any]:
     return {"type": "http.request", "body": b"", "more_body": False}
+
+
+def test_admission_slot_is_taken_only_after_the_body_and_a_stalled_body_gets_408() -> (
+    None
+):
+    bodies: list[bytes] = []
+    statuses: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        message = await receive()
+        bodies.append(message["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    async def stalled() -> dict[str, Any]:
+        await asyncio.sleep(3600)  # headers sent, the body never completes
+        return {}
+
+    async def run() -> None:
+        middleware = AdmissionMiddleware(app, max_in_flight=1, body_timeout_s=0.2)
+        scope = {"type": "http", "path": "/v1/models/m:predict", "headers": []}
+        slow = asyncio.create_task(middleware(scope, stalled, send))
+        await asyncio.sleep(0.05)
+        assert middleware.in_flight == 0
+        await middleware(scope, _chunks([b'{"a"', b": 1}"]), send)  # not shed
+        await slow
+
+    asyncio.run(run())
+
+    assert statuses == [200, 408]
+    assert bodies == [b'{"a": 1}']
+
+
+def _chunks(parts: list[bytes]) -> Any:
+    pending = list(parts)
+
+    async def receive() -> dict[str, Any]:
+        body = pending.pop(0)
+        return {"type": "http.request", "body": body, "more_body": bool(pending)}
+
+    return receive
