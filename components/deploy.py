@@ -49,6 +49,7 @@ from shopml.kserve_objects import (
     ClusterTarget,
     RolloutPlan,
     build_inference_service,
+    is_raw_deployment,
     live_rollout,
     plan_rollout,
     search_target,
@@ -137,27 +138,43 @@ def deploy_kserve(
     *,
     api: Any = None,
     dry_run: bool = False,
+    canary: bool = True,
 ) -> RolloutPlan:
     """Create or patch the InferenceService so that ``storage_uri`` goes out.
+
+    KServe ignores ``canaryTrafficPercent`` on a RawDeployment object
+    (kserve/kserve#5335), so a canary there is refused; ``canary=False`` replaces
+    the model at once instead.
 
     Args:
         storage_uri: the model version (``s3://<bucket>/models/<name>/<version>``).
         target: the InferenceService.
         api: a ``kubernetes.client.CustomObjectsApi``; default ``kubernetes_api()``.
         dry_run: only compute the plan; the live object is still read.
+        canary: ``False`` sends the new version all traffic at once.
 
     Returns:
         The plan, applied unless ``dry_run``.
 
     Raises:
+        ValueError: a bad ``storage_uri``, a live predictor shopml cannot patch, or
+            a canary on a RawDeployment object.
         KubeconfigNotFoundError: no ``api`` given and no cluster configured.
         ClusterAccessError: the API server failed, refused or could not be reached;
             the message names it.
     """
     api = api or kubernetes_api()
     live = read_inference_service(api, target)
-    plan = plan_rollout(target, storage_uri, live)
-    if dry_run or plan.action == "unchanged":
+    plan = plan_rollout(target, storage_uri, live, canary=canary)
+    if plan.canary_uri and plan.action == "patch" and is_raw_deployment(live or {}):
+        raise ValueError(
+            f"InferenceService {target.namespace}/{target.name} runs as a "
+            "RawDeployment, where KServe ignores canaryTrafficPercent "
+            "(kserve/kserve#5335): nothing was sent; deploy with --no-canary to "
+            "replace the model at once, or switch it to Serverless "
+            "(manifests/overlays/prod)"
+        )
+    if dry_run or not plan.body:
         logger.info(
             "rollout %s isvc=%s/%s action=%s",
             "planned" if dry_run else "skipped",
@@ -393,7 +410,9 @@ def _deploy_cluster(
     plan = deploy_kserve(storage_uri, cluster, api=api)
     _audit_rollout(assets, model_asset or storage_uri, cluster, plan)
     if search:
-        target = search_target(cluster.canary_percent, cluster.namespace)
+        target = search_target(
+            cluster.canary_percent, cluster.namespace, cluster.deployment_mode
+        )
         bundle, _ = deploy_search(
             model_asset, cluster=target, api=api, assets=assets,
             keep_bundles=keep_search_bundles,

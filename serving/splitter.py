@@ -291,7 +291,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging()
     args = parse_args(argv)
-    split = Split(args.stable.rstrip("/"), args.canary.rstrip("/"), args.canary_percent)
+    try:
+        split = Split(
+            args.stable.rstrip("/"), args.canary.rstrip("/"), args.canary_percent
+        )
+    except ValueError as err:
+        logger.error("splitter not started: %s", err)
+        return 2
     splitter = Splitter(
         split,
         load_pseudonymizer(load_settings()),

@@ -222,7 +222,9 @@ def serve(
     name: Annotated[str, typer.Option(help="Model name in the URL.")] = "recommender",
     canary: Annotated[
         int | None,
-        typer.Option(help="Send this percent of traffic to --canary-model-dir."),
+        typer.Option(
+            min=0, max=100, help="Send this percent of traffic to --canary-model-dir."
+        ),
     ] = None,
     canary_model_dir: Annotated[
         Path | None, typer.Option(help="Model folder of the canary.")
@@ -234,6 +236,7 @@ def serve(
     splitter on the same port, as an InferenceService canary does on a cluster.
     """
     from shopml.console import latest_model_dir
+    from shopml.local_serving import DeploymentError
 
     settings = load_settings()
     folder = model_dir or latest_model_dir(settings)
@@ -242,7 +245,11 @@ def serve(
 
         if canary_model_dir is None:
             raise typer.BadParameter("--canary needs --canary-model-dir")
-        serve_canary(folder, canary_model_dir, canary, port=port, name=name)
+        try:
+            serve_canary(folder, canary_model_dir, canary, port=port, name=name)
+        except DeploymentError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from err
         return
     command = [
         sys.executable, "-m", "serving", "--model-dir", str(folder),

@@ -6,9 +6,12 @@ patches the cluster's InferenceService (a canary at ``--canary-percent``); with
 ``--dry-run`` it prints what it would send and changes nothing. Without a cluster (no
 kubeconfig at all, or ``--offline``) a dry run prints the full object it would create,
 as YAML for ``kubectl apply -f -``; a kubeconfig whose server fails is an error naming
-that server, never a silent fallback. ``shopml canary
-analyze`` compares canary and stable from an impression log and feedback events and,
-with ``--apply``, promotes or rolls back on the local splitter or the cluster.
+that server, never a silent fallback; each API call gives up after ``--timeout``
+seconds (10). On an InferenceService in RawDeployment mode, where KServe runs no
+canary, a canary is refused and ``--no-canary`` replaces the model at once.
+``shopml canary analyze`` compares canary and stable from an impression log and
+feedback events and, with ``--apply``, promotes or rolls back on the local splitter or
+the cluster.
 :func:`start_local_canary` runs a stable and a canary model server and the splitter
 (:mod:`serving.splitter`) on 127.0.0.1, so the same analysis runs on one machine.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -77,15 +81,28 @@ def deploy(
         typer.Option(help="Kubeconfig file (default: in-cluster, ~/.kube)."),
     ] = None,
     context: Annotated[str | None, typer.Option(help="Kubeconfig context.")] = None,
+    timeout: Annotated[
+        float,
+        typer.Option(min=0.1, help="Seconds each API call may take to connect/answer."),
+    ] = 10.0,
+    no_canary: Annotated[
+        bool,
+        typer.Option(
+            "--no-canary",
+            help="Send the new version all traffic at once (a RawDeployment "
+            "InferenceService cannot run a canary).",
+        ),
+    ] = False,
 ) -> None:
     """Roll a model version out to the cluster's InferenceService as a canary."""
     from components.deploy import deploy_kserve
     from shopml.kserve_api import ClusterAccessError
-    from shopml.kserve_objects import ClusterTarget, plan_rollout
+    from shopml.kserve_objects import ClusterTarget, check_storage_uri, plan_rollout
 
     if offline and not dry_run:
         raise typer.BadParameter("--offline only prints a plan: add --dry-run")
     try:
+        check_storage_uri(storage_uri)
         target = ClusterTarget(
             name=name, namespace=namespace, canary_percent=canary_percent
         )
@@ -94,20 +111,27 @@ def deploy(
 
     try:
         api, unread = _rollout_api(
-            kubeconfig, context, offline=offline, dry_run=dry_run
+            kubeconfig, context, offline=offline, dry_run=dry_run, timeout_s=timeout
         )
         if api is None:
             plan = plan_rollout(target, storage_uri, None)
         else:
-            plan = deploy_kserve(storage_uri, target, api=api, dry_run=dry_run)
-    except (ClusterAccessError, FileNotFoundError) as err:
+            plan = deploy_kserve(
+                storage_uri, target, api=api, dry_run=dry_run, canary=not no_canary
+            )
+    except (ClusterAccessError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from err
     _print_plan(plan, target, dry_run, unread)
 
 
 def _rollout_api(
-    kubeconfig: Path | None, context: str | None, *, offline: bool, dry_run: bool
+    kubeconfig: Path | None,
+    context: str | None,
+    *,
+    offline: bool,
+    dry_run: bool,
+    timeout_s: float,
 ) -> tuple[Any, str]:
     """The API to use, or ``None`` and why the live object cannot be read.
 
@@ -119,7 +143,10 @@ def _rollout_api(
     if offline:
         return None, "--offline"
     try:
-        return kubernetes_api(str(kubeconfig) if kubeconfig else None, context), ""
+        api = kubernetes_api(
+            str(kubeconfig) if kubeconfig else None, context, timeout_s
+        )
+        return api, ""
     except KubeconfigNotFoundError as err:
         if not dry_run:
             raise
@@ -164,6 +191,10 @@ def bundles_prune(
         typer.Option(help="Kubeconfig file (default: in-cluster, ~/.kube)."),
     ] = None,
     context: Annotated[str | None, typer.Option(help="Kubeconfig context.")] = None,
+    timeout: Annotated[
+        float,
+        typer.Option(min=0.1, help="Seconds each API call may take to connect/answer."),
+    ] = 10.0,
 ) -> None:
     """Delete old search bundles; never one the InferenceService still serves.
 
@@ -176,12 +207,12 @@ def bundles_prune(
     from shopml.kserve_objects import search_target
 
     try:
-        api = kubernetes_api(str(kubeconfig) if kubeconfig else None, context)
+        api = kubernetes_api(str(kubeconfig) if kubeconfig else None, context, timeout)
         cluster = replace(search_target(namespace=namespace), name=name)
         doomed = prune_unserved_bundles(
             cluster, api=api, keep_last=keep, dry_run=dry_run
         )
-    except (ClusterAccessError, FileNotFoundError) as err:
+    except (ClusterAccessError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from err
     verb = "would delete" if dry_run else "deleted"
@@ -299,19 +330,29 @@ class LocalCanary:
         stop_local(self.stable)
 
 
+def _last_error_line(log: Path) -> str:
+    """The last line of ``log`` that reports an error, or its last line."""
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line]
+    except OSError as err:
+        return f"(log {log} unreadable: {err})"
+    errors = [line for line in lines if "ERROR" in line or "Error" in line]
+    return (errors or lines or ["(empty log)"])[-1].strip()
+
+
 def _wait_splitter(process: subprocess.Popen[bytes], url: str, log: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise DeploymentError(
-                f"the splitter exited with status {process.returncode}; see {log}"
+                f"the splitter exited with status {process.returncode}: "
+                f"{_last_error_line(log)} (log: {log})"
             )
         try:
             httpx.get(f"{url}/splitter/traffic", timeout=1).raise_for_status()
             return
         except httpx.HTTPError:
             time.sleep(0.1)
-    process.terminate()
     raise DeploymentError(
         f"the splitter at {url} did not answer within 30 s; see {log}"
     )
@@ -343,8 +384,14 @@ def start_local_canary(
         The running stack; call ``stop()`` when done.
 
     Raises:
+        ValueError: ``canary_percent`` is not 0..100.
         DeploymentError: a server or the splitter did not start.
+
+    Whatever was started is stopped again when start-up fails or is interrupted
+    (Ctrl-C, or SIGTERM where :func:`serve_canary` turns it into an interrupt).
     """
+    if not 0 <= canary_percent <= 100:
+        raise ValueError(f"canary_percent={canary_percent} must be from 0 to 100")
     settings = load_settings()
     impressions = impressions or settings.home / "runs" / "impressions.jsonl"
     stable = deploy_local(stable_dir, name=name, use_feature_store=use_feature_store)
@@ -352,7 +399,7 @@ def start_local_canary(
         canary = deploy_local(
             canary_dir, name=name, use_feature_store=use_feature_store
         )
-    except DeploymentError:
+    except BaseException:
         stop_local(stable)
         raise
     port = port or free_port()
@@ -370,11 +417,15 @@ def start_local_canary(
     stack = LocalCanary(stable, canary, url, impressions, process)
     try:
         _wait_splitter(process, url, log)
-    except DeploymentError:
+    except BaseException:
         stack.stop()
         raise
     logger.info("local canary at %s canary_percent=%d", url, canary_percent)
     return stack
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def serve_canary(
@@ -384,7 +435,9 @@ def serve_canary(
     port: int = 8080,
     name: str = "recommender",
 ) -> None:
-    """``shopml serve --canary PERCENT``: run the local canary stack until Ctrl-C.
+    """``shopml serve --canary PERCENT``: run the local canary stack until stopped.
+
+    Ctrl-C and SIGTERM both stop the splitter and both servers, during start-up too.
 
     Args:
         stable_dir: the stable model folder (the latest promoted model).
@@ -392,19 +445,33 @@ def serve_canary(
         canary_percent: the canary's traffic share, 0..100.
         port: the splitter's port (the URL applications call).
         name: the model name in the URLs.
+
+    Raises:
+        DeploymentError: a server or the splitter did not start (all are stopped).
     """
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _run_canary(stable_dir, canary_dir, canary_percent, port, name)
+    except KeyboardInterrupt:
+        logger.info("local canary stopped")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_canary(
+    stable_dir: Path, canary_dir: Path, canary_percent: int, port: int, name: str
+) -> None:
+    """Start the stack, wait until the splitter exits or an interrupt, stop it."""
     stack = start_local_canary(
         stable_dir, canary_dir, canary_percent, port=port, name=name
     )
-    typer.echo(
-        f"canary {canary_percent}% of {name!r} on {stack.url} "
-        f"(stable {stack.stable.url}, canary {stack.canary.url}); "
-        f"impressions in {stack.impressions}; Ctrl-C stops"
-    )
     try:
+        typer.echo(
+            f"canary {canary_percent}% of {name!r} on {stack.url} "
+            f"(stable {stack.stable.url}, canary {stack.canary.url}); "
+            f"impressions in {stack.impressions}; Ctrl-C stops"
+        )
         while stack.process.poll() is None:
             time.sleep(1)
-    except KeyboardInterrupt:
-        pass
     finally:
         stack.stop()

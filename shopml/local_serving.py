@@ -190,7 +190,12 @@ def deploy_local(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    _wait_ready(process, url, name, log_path, timeout_s)
+    try:
+        _wait_ready(process, url, name, log_path, timeout_s)
+    except BaseException:
+        # Ctrl-C or SIGTERM while waiting: the detached server must not outlive us.
+        _terminate(process.pid, process, timeout_s=10.0)
+        raise
 
     deployment = LocalDeployment(url, port, process.pid, name, log_path, process)
     _write_server_record(settings.home / SERVER_RECORD, deployment, model_dir)

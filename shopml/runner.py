@@ -33,7 +33,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TASK_LINE = re.compile(
     r"Task '([\w-]+)' (finished with status \w+|failed)|Executing task '([\w-]+)'"
 )
-_STAGE_LOG = re.compile(r" (INFO|WARNING|ERROR) (shopml|components|serving)[\w.]*: ")
+_STAGE_LOG = re.compile(
+    r" (DEBUG|INFO|WARNING|ERROR) (shopml|components|serving)[\w.]*: "
+)
 _TRACEBACK = "Traceback (most recent call last):"
 _FAILED = re.compile(r"Task '([\w-]+)' (finished with status FAILURE|failed)")
 
@@ -158,6 +160,22 @@ class _ConsoleFilter(io.TextIOBase):
         )
 
 
+def stage_environment(settings: Settings) -> dict[str, str]:
+    """The ``SHOPML_*`` variables the stage processes of a local run inherit.
+
+    No progress bars, no task retries (a cluster's passing failures; locally they
+    only delay the error), this home, and this process's log level, so that
+    ``shopml --verbose run`` shows the stages' DEBUG lines too.
+    """
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    return {
+        "SHOPML_PROGRESS": "0",
+        "SHOPML_HOME": str(settings.home),
+        "SHOPML_TASK_RETRIES": "0",
+        "SHOPML_LOG_LEVEL": str(level),
+    }
+
+
 def run_local_pipeline(settings: Settings, arguments: dict[str, Any]) -> PipelineRun:
     """Execute the lifecycle pipeline with ``kfp.local`` and collect its results.
 
@@ -184,11 +202,7 @@ def run_local_pipeline(settings: Settings, arguments: dict[str, Any]) -> Pipelin
     log_path = runs / run_id / "pipeline.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
 
-    # Components inherit the environment: no progress bars inside a pipeline run.
-    os.environ["SHOPML_PROGRESS"] = "0"
-    os.environ["SHOPML_HOME"] = str(settings.home)
-    # Retries are for a cluster's passing failures; locally they only delay the error.
-    os.environ["SHOPML_TASK_RETRIES"] = "0"
+    os.environ.update(stage_environment(settings))
     local.init(
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root)
     )

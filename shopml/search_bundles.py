@@ -197,14 +197,27 @@ def list_search_bundles(assets: AssetStore) -> list[SearchBundle]:
     """Every published bundle (one with a ``bundle.json``), oldest first.
 
     A folder without ``bundle.json`` is a publish in progress (or one that crashed)
-    and is not listed.
+    and is not listed; nor is one whose ``bundle.json`` cannot be read (a warning
+    names it), so retention never deletes what it cannot read.
     """
     record_keys = [
         key
         for key in assets.store.list(f"{SEARCH_BUNDLE_PREFIX}/")
         if key.count("/") == 3 and key.endswith(f"/{BUNDLE_RECORD}")
     ]
-    bundles = [_read_bundle(assets, key.split("/")[2]) for key in record_keys]
+    bundles = []
+    for key in record_keys:
+        try:
+            bundles.append(_read_bundle(assets, key.split("/")[2]))
+        except (ValueError, KeyError, TypeError) as err:
+            # JSONDecodeError and UnicodeDecodeError are ValueErrors.
+            logger.warning(
+                "search bundle record %s is unreadable (%s: %s); bundle skipped, "
+                "never pruned",
+                key,
+                type(err).__name__,
+                err,
+            )
     return sorted(bundles, key=lambda b: (b.published_at, b.version))
 
 

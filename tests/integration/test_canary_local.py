@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -171,3 +172,84 @@ def test_better_canary_is_promoted_and_takes_all_traffic(
     assert repeated["traffic_changed"] is False
     events = audit_log_from_settings(load_settings()).query("recommender")
     assert [e.details["decision"] for e in events] == ["promote", "promote"]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids of live processes whose command line contains ``text``."""
+    import os
+
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            state = (entry / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if text.encode() in cmdline and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def wait_until(check: Any, timeout_s: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("when", ["starting", "running"])
+def test_sigterm_to_serve_canary_stops_the_splitter_and_both_servers(
+    tmp_path: Path, when: str
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.services import free_port
+
+    settings = load_settings()
+    write_tiny_curated(tmp_path / "curated")
+    build_features(tmp_path / "curated", settings)
+    load_pseudonymizer(settings)
+    stable = write_artifact(tmp_path / "stable", is_good=True)
+    canary = write_artifact(tmp_path / "canary", is_good=False)
+    port = free_port()
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "shopml.cli", "serve", "--model-dir", str(stable),
+         "--canary", "30", "--canary-model-dir", str(canary), "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        if when == "starting":  # the stable server is up, the canary not yet
+            started = wait_until(lambda: processes_mentioning(str(stable)), 60)
+        else:
+            started = wait_until(lambda: is_up(f"http://127.0.0.1:{port}"), 180)
+        assert started, f"serve --canary did not get {when}"
+
+        cli.send_signal(signal.SIGTERM)
+        cli.wait(timeout=60)
+
+        def leftovers() -> list[int]:  # model servers, and the splitter on the port
+            return processes_mentioning(str(tmp_path)) + processes_mentioning(
+                f"--port {port}"
+            )
+
+        assert wait_until(lambda: not leftovers(), 20), leftovers()
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+
+
+def is_up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/splitter/traffic", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

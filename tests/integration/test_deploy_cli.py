@@ -32,7 +32,10 @@ def evaluate(min_lift: float = 0.0) -> str:
     from components.evaluate import EvaluationResult, check_gate
     from shopml.logs import configure_logging
 
+    import logging
+
     configure_logging()
+    logging.getLogger("components.evaluate").debug("gate inputs ready")
     models = {"sasrec": {"ndcg_10": 0.1}, "popularity": {"ndcg_10": 0.2}}
     return check_gate(EvaluationResult(models, 10, 5, 0.0), min_lift)
 
@@ -82,4 +85,7 @@ def test_failed_gate_prints_one_message_and_a_traceback_only_when_verbose(
     assert output.count("Traceback") == (1 if verbose else 0), output
     if verbose:
         assert "check_gate" in output  # the stage's own traceback, not the runner's
+    # --verbose reaches the stage process: its DEBUG lines show, and only then.
+    shown = "DEBUG components.evaluate: gate inputs ready" in output
+    assert shown is verbose, output
     assert "full log: " in output

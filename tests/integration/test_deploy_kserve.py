@@ -44,7 +44,8 @@ pytestmark = pytest.mark.integration
 STABLE = "s3://shopml/models/recommender/aaaa"
 CANARY_1 = "s3://shopml/models/recommender/bbbb"
 CANARY_2 = "s3://shopml/models/recommender/cccc"
-TARGET = ClusterTarget(canary_percent=10)
+# Serverless, where KServe runs canaries (the base manifests say RawDeployment).
+TARGET = ClusterTarget(canary_percent=10, deployment_mode="Serverless")
 
 
 @pytest.fixture
@@ -101,6 +102,16 @@ def rollout_annotations(stable: str, canary: str, decision: str) -> dict[str, st
 
 
 MODEL_FORMAT = {"name": "shopml-sasrec", "version": "1"}
+# manifests/base/serving/inferenceservice.*.yaml: what every created predictor has.
+PREDICTOR_FIELDS = {
+    "minReplicas": 1,
+    "maxReplicas": 1,
+    "securityContext": {
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    },
+}
+SERVERLESS = {"serving.kserve.io/deploymentMode": "Serverless"}
 # manifests/base/serving/inferenceservice.*.yaml
 RESOURCES = {
     "requests": {"cpu": "500m", "memory": "1Gi"},
@@ -121,11 +132,12 @@ def test_first_deploy_creates_the_exact_inference_service(
         "metadata": {
             "name": "recommender",
             "namespace": "shopml",
-            "annotations": rollout_annotations(STABLE, "", "initial"),
+            "annotations": SERVERLESS | rollout_annotations(STABLE, "", "initial"),
         },
         "spec": {
             "predictor": {
                 "serviceAccountName": "shopml-predictor",
+                **PREDICTOR_FIELDS,
                 "model": {
                     "name": "kserve-container",
                     "runtime": "shopml",
@@ -173,8 +185,8 @@ def test_canary_rollback_canary_promote_leaves_traffic_where_decided(
     assert traffic.apply("rollback") is False  # repeated: nothing sent
     after_rollback = live(api)
     assert after_rollback["spec"]["predictor"]["canaryTrafficPercent"] == 0
-    assert after_rollback["metadata"]["annotations"] == rollout_annotations(
-        STABLE, CANARY_1, "rolled-back"
+    assert after_rollback["metadata"]["annotations"] == SERVERLESS | (
+        rollout_annotations(STABLE, CANARY_1, "rolled-back")
     )
 
     # The next canary starts from the same stable version, then wins.
@@ -198,7 +210,7 @@ def test_canary_rollback_canary_promote_leaves_traffic_where_decided(
     assert len(patches) == 4  # canary, rollback, canary, promote: no repeats
     assert final["spec"]["predictor"]["canaryTrafficPercent"] == 100
     assert final["spec"]["predictor"]["model"]["storageUri"] == CANARY_2
-    assert final["metadata"]["annotations"] == rollout_annotations(
+    assert final["metadata"]["annotations"] == SERVERLESS | rollout_annotations(
         CANARY_2, "", "promoted"
     )
 
@@ -341,10 +353,13 @@ def test_search_rollout_publishes_the_bundle_and_creates_the_exact_isvc(
 
     assert endpoint.endswith("/v1/models/recommender")
     search = live(api, "search")
-    assert search["metadata"]["annotations"] == rollout_annotations(uri, "", "initial")
+    assert search["metadata"]["annotations"] == SERVERLESS | rollout_annotations(
+        uri, "", "initial"
+    )
     assert search["spec"] == {
         "predictor": {
             "serviceAccountName": "shopml-predictor",
+            **PREDICTOR_FIELDS,
             "model": {
                 "name": "kserve-container",
                 "runtime": "shopml-search",
@@ -423,7 +438,7 @@ def test_search_redeploy_publishes_nothing_and_a_new_model_is_a_canary(
     old_uri = f"s3://{bucket}/serving/search/{bundle}"
     new_uri = f"s3://{bucket}/serving/search/{bundle_version(new_model.ref, index.ref)}"
     search = live(api, "search")
-    assert search["metadata"]["annotations"] == rollout_annotations(
+    assert search["metadata"]["annotations"] == SERVERLESS | rollout_annotations(
         old_uri, new_uri, "canary"
     )
     assert search["spec"]["predictor"]["canaryTrafficPercent"] == 10
@@ -523,3 +538,90 @@ def test_shopml_bundles_prune_reads_the_cluster_and_spares_what_it_serves(
     remaining = {key.split("/")[2] for key in s3_assets.store.list("serving/search/")}
     # 1 is the stable bundle, 3 the canary: both served, so both stay.
     assert remaining == {bundles[0], bundles[2]}
+
+
+# --- redeploying after a rollback; the created object against the manifests ------
+
+
+def test_redeploying_the_stable_version_after_a_rollback_is_unchanged(
+    api: Any, emulator: KubeEmulator
+) -> None:
+    deploy_kserve(STABLE, TARGET, api=api)
+    deploy_kserve(CANARY_1, TARGET, api=api)
+    KServeTraffic(api, TARGET).apply("rollback")
+
+    again = deploy_kserve(STABLE, TARGET, api=api)
+    repeated = deploy_kserve(STABLE, TARGET, api=api)
+    canary = deploy_kserve(CANARY_2, TARGET, api=api)
+
+    assert (again.action, again.stable_uri, again.canary_uri) == (
+        "unchanged", STABLE, ""
+    )  # fmt: skip
+    assert repeated.action == "unchanged" and repeated.body == {}
+    patches = [request.data for request in emulator.requests("PATCH")]
+    # canary, rollback, the stale canary annotation cleared, the next canary
+    assert len(patches) == 4
+    assert patches[2] == {
+        "metadata": {"annotations": rollout_annotations(STABLE, "", "rolled-back")}
+    }
+    assert (canary.stable_uri, canary.canary_uri) == (STABLE, CANARY_2)
+    assert live(api)["spec"]["predictor"]["canaryTrafficPercent"] == 10
+
+
+def test_the_created_object_carries_what_the_serving_manifest_declares(
+    api: Any, emulator: KubeEmulator
+) -> None:
+    import yaml
+
+    from shopml.kserve_objects import SERVING_MANIFESTS
+
+    for name in ("recommender", "search"):
+        path = SERVING_MANIFESTS / f"inferenceservice.{name}.yaml"
+        manifest = yaml.safe_load(path.read_text())
+        target = search_target() if name == "search" else ClusterTarget()
+
+        deploy_kserve(STABLE, target, api=api)
+        created = live(api, name)
+
+        mode = "serving.kserve.io/deploymentMode"
+        assert (
+            created["metadata"]["annotations"][mode]
+            == (manifest["metadata"]["annotations"][mode])
+        )
+        for field in ("serviceAccountName", "minReplicas", "maxReplicas"):
+            assert (
+                created["spec"]["predictor"][field]
+                == (manifest["spec"]["predictor"][field])
+            )
+        assert (
+            created["spec"]["predictor"]["securityContext"]
+            == (manifest["spec"]["predictor"]["securityContext"])
+        )
+        model, declared = (
+            created["spec"]["predictor"]["model"],
+            (manifest["spec"]["predictor"]["model"]),
+        )
+        for field in ("runtime", "modelFormat", "resources"):
+            assert model[field] == declared[field]
+
+
+def test_a_canary_on_a_raw_deployment_is_refused_and_no_canary_replaces_it(
+    api: Any, emulator: KubeEmulator, tmp_path: Path
+) -> None:
+    raw = ClusterTarget()  # the base manifest's RawDeployment
+    deploy_kserve(STABLE, raw, api=api)
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", emulator.url)
+
+    refused = invoke_deploy("--storage-uri", CANARY_1, "--kubeconfig", str(kubeconfig))
+    replaced = invoke_deploy(
+        "--storage-uri", CANARY_1, "--kubeconfig", str(kubeconfig), "--no-canary"
+    )
+
+    assert refused.exit_code == 1, refused.output
+    assert "RawDeployment" in refused.output and "--no-canary" in refused.output
+    assert replaced.exit_code == 0, replaced.output
+    [patch] = [request.data for request in emulator.requests("PATCH")]
+    assert patch["metadata"]["annotations"] == rollout_annotations(
+        CANARY_1, "", "replaced"
+    )
+    assert live(api)["spec"]["predictor"]["model"]["storageUri"] == CANARY_1

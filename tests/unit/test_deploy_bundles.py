@@ -115,3 +115,24 @@ def test_prune_leaves_a_bundle_being_written_alone(
 def test_prune_refuses_to_keep_nothing(assets: AssetStore) -> None:
     with pytest.raises(ValueError, match="keep_last=0"):
         prune_search_bundles(assets, keep_last=0)
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "delete"])
+def test_prune_skips_a_corrupt_bundle_record_with_a_warning_and_prunes_the_rest(
+    assets: AssetStore,
+    bundles: list[SearchBundle],
+    dry_run: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    corrupt = bundles[0].prefix + "/bundle.json"
+    assets.store.put_bytes(corrupt, b"{not json")
+
+    doomed = prune_search_bundles(assets, keep_last=3, dry_run=dry_run)
+
+    assert [b.version for b in doomed] == [bundles[1].version]
+    assert any(
+        r.levelname == "WARNING" and corrupt in r.getMessage() for r in caplog.records
+    )
+    left = versions_in_store(assets)
+    assert bundles[0].version in left  # never delete what cannot be read
+    assert (bundles[1].version in left) is dry_run
