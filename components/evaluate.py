@@ -53,7 +53,7 @@ from shopml.models.baselines import (
     ItemKNNRecommender,
     PopularityRecommender,
 )
-from shopml.sequences import ItemVocab, LeaveOneOutSplit, split_events
+from shopml.sequences import ItemVocab, LeaveOneOutSplit, Stage, split_events
 
 logger = logging.getLogger(__name__)
 
@@ -131,14 +131,32 @@ class EvaluationResult:
         return table
 
 
-def fit_baselines(split: LeaveOneOutSplit) -> dict[str, Scorer]:
-    """Every baseline fitted on the training histories, the data SASRec learns from.
+def fit_baselines(split: LeaveOneOutSplit, stage: Stage = "valid") -> dict[str, Scorer]:
+    """Every baseline fitted on the histories before the ``stage`` target.
 
-    Like SASRec they read each user's validation item at test time as history, but
-    never learn from it: fitting them on it would give them 1 more training pair per
-    user than the model (+20 % on short-history data such as Amazon 5-core).
+    ``"valid"`` (the default) fits on the training histories, the data the train
+    stage's SASRec learns from (it early-stops on the validation targets and never
+    learns from them). Like SASRec the baselines read each user's validation item at
+    test time as history, but never learn from it: fitting them on it would give them
+    1 more training pair per user than the model (+20 % on short-history data such as
+    Amazon 5-core), an unfair comparison.
+
+    ``"test"`` fits on the training histories plus every validation item: the final
+    fit, to compare with a SASRec refitted on the same data
+    (``shopml.training.refit_sasrec``) once validation has chosen its epoch count.
+    Every model then learns the newest transitions before the test targets.
+
+    Args:
+        split: the leave-one-out split.
+        stage: ``"valid"`` or ``"test"``, as in ``LeaveOneOutSplit.histories``.
+
+    Returns:
+        Baseline name -> fitted model.
+
+    Raises:
+        ValueError: ``stage`` is neither ``"valid"`` nor ``"test"``.
     """
-    histories = split.train_seqs
+    histories = split.histories(stage)
     return {
         "popularity": PopularityRecommender(split.n_items).fit(histories),
         "itemknn": ItemKNNRecommender(split.n_items).fit(histories),

@@ -18,6 +18,14 @@ Under ``torchrun`` (``WORLD_SIZE`` > 1) the loop trains with DistributedDataPara
 every rank draws the same shuffled windows and takes its share of every batch, the
 gradients are averaged, every rank evaluates the same weights (so they agree on early
 stopping) and only rank 0 writes checkpoints.
+
+The final fit (:func:`final_fit`) is the standard two-phase protocol: phase 1
+(:func:`train_sasrec`) picks the epoch count on the validation targets, phase 2
+(:func:`refit_sasrec`) retrains from scratch with the same seed and schedule on the
+training histories plus every validation item, without validation, for that many
+epochs. The refitted model has learned from the newest transitions, which the test
+targets (and production traffic) follow; the only thing phase 2 takes from phase 1
+is the epoch count, so the test targets stay unseen by every choice.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -79,6 +87,9 @@ class TrainConfig:
         eval_every: epochs between validation evaluations.
         show_progress: show a tqdm bar; ``None`` follows ``Settings.progress``.
         max_grad_norm: gradients are clipped to this global norm.
+        validate: evaluate on the validation targets, keep the best weights and stop
+            early; ``False`` trains exactly ``epochs`` epochs and keeps the last
+            weights (the final fit on train + validation, :func:`refit_sasrec`).
     """
 
     epochs: int = 200
@@ -95,6 +106,7 @@ class TrainConfig:
     eval_every: int = 1
     show_progress: bool | None = None
     max_grad_norm: float = 1.0
+    validate: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -132,9 +144,11 @@ class TrainResult:
     """The outcome of :func:`train_sasrec`.
 
     Attributes:
-        model: the best model (by validation NDCG@10), in eval mode on the CPU.
+        model: the best model (by validation NDCG@10), in eval mode on the CPU; the
+            last one when the run did not validate.
         best_epoch: the epoch whose weights were kept.
-        best_valid: validation metrics of the kept weights.
+        best_valid: validation metrics of the kept weights; empty when the run did
+            not validate.
         epochs_run: epochs actually run (fewer than configured after early stopping).
         seconds: wall time of the whole loop.
         device: the device trained on.
@@ -657,7 +671,9 @@ def _fit(
         loss = _train_epoch(loop, windows, precision)
 
         valid = None
-        if epoch % config.eval_every == 0 or epoch == config.epochs:
+        if config.validate and (
+            epoch % config.eval_every == 0 or epoch == config.epochs
+        ):
             valid = _evaluate_valid(loop.model, loop.split, device)
             loop.best.update(epoch, valid, loop.model)
         record = EpochRecord(epoch, loss, valid, time.monotonic() - epoch_start)
@@ -706,7 +722,9 @@ def _log_epoch(record: EpochRecord, bar: tqdm) -> None:
 def _finish(loop: _Loop, started: float, device: torch.device) -> TrainResult:
     """Restore the best weights on the CPU and summarise the run."""
     model, best = loop.model.cpu(), loop.best
-    if best.state is not None:
+    if not loop.config.validate:  # the last weights: the epoch count was chosen
+        best.epoch = loop.epoch
+    elif best.state is not None:
         model.load_state_dict(best.state)
     model.eval()
     seconds = time.monotonic() - started
@@ -727,3 +745,154 @@ def _finish(loop: _Loop, started: float, device: torch.device) -> TrainResult:
         device=str(device),
         history=list(loop.history),
     )
+
+
+def final_fit_split(split: LeaveOneOutSplit) -> LeaveOneOutSplit:
+    """The split the final fit trains on: every validation item joins its history.
+
+    Its training histories are ``split.histories("test")`` and it has no validation
+    targets; the test targets are unchanged, and its ``histories("test")`` equal the
+    original split's, so test figures of a refitted model compare directly.
+
+    Args:
+        split: the leave-one-out split phase 1 trained and validated on.
+
+    Returns:
+        A new split over the same vocabulary and users.
+    """
+    return LeaveOneOutSplit(
+        split.vocab,
+        list(split.user_ids),
+        split.histories("test"),
+        np.zeros_like(split.valid_items),
+        split.test_items.copy(),
+    )
+
+
+def refit_sasrec(
+    split: LeaveOneOutSplit,
+    model_config: SASRecConfig,
+    train_config: TrainConfig,
+    epochs: int,
+    *,
+    item_text: Tensor | None = None,
+    checkpointer: Checkpointer | None = None,
+    on_epoch_end: EpochCallback | None = None,
+) -> TrainResult:
+    """Phase 2 of the final fit: retrain from scratch on train + validation histories.
+
+    Same architecture, seed and optimisation settings as phase 1, and the same
+    learning-rate schedule (warm-up and cosine over phase 1's ``schedule_epochs`` or
+    ``epochs``), stopped after ``epochs`` epochs with no validation.
+
+    Args:
+        split: the original leave-one-out split (not :func:`final_fit_split`'s).
+        model_config: phase 1's architecture.
+        train_config: phase 1's optimisation settings.
+        epochs: how many epochs to train, phase 1's best epoch.
+        item_text: the item text embeddings for a text tower, as in phase 1.
+        checkpointer: saves and resumes this phase; use another key than phase 1's.
+        on_epoch_end: called with each epoch's record (``valid`` is ``None``).
+
+    Returns:
+        The last model (``best_epoch == epochs``, ``best_valid`` empty).
+
+    Raises:
+        ValueError: ``epochs`` is below 1, or the configs disagree with the data.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs={epochs} must be at least 1")
+    config = replace(
+        train_config,
+        epochs=epochs,
+        schedule_epochs=train_config.schedule_epochs or train_config.epochs,
+        validate=False,
+    )
+    logger.info(
+        "final fit on train + valid epochs=%d schedule_epochs=%d",
+        epochs,
+        config.schedule_epochs,
+    )
+    return train_sasrec(
+        final_fit_split(split),
+        model_config,
+        config,
+        item_text=item_text,
+        checkpointer=checkpointer,
+        on_epoch_end=on_epoch_end,
+    )
+
+
+@dataclass
+class FinalFitResult:
+    """Both phases of :func:`final_fit`.
+
+    Attributes:
+        selection: phase 1, trained on the training histories and early-stopped on
+            validation; its ``best_epoch`` and ``best_valid`` are the selection.
+        final: phase 2, the model to evaluate on test and to serve.
+    """
+
+    selection: TrainResult
+    final: TrainResult
+
+    @property
+    def model(self) -> SASRec:
+        """The final model."""
+        return self.final.model
+
+
+def final_fit(
+    split: LeaveOneOutSplit,
+    model_config: SASRecConfig,
+    train_config: TrainConfig | None = None,
+    *,
+    item_text: Tensor | None = None,
+    selection_checkpointer: Checkpointer | None = None,
+    final_checkpointer: Checkpointer | None = None,
+) -> FinalFitResult:
+    """Select the epoch count on validation, then refit on train + validation.
+
+    Args:
+        split: the leave-one-out split.
+        model_config: the architecture; ``n_items`` must equal ``split.n_items``.
+        train_config: optimisation settings (``validate`` must be on); defaults when
+            ``None``.
+        item_text: item text embeddings for a text tower; ``None`` otherwise.
+        selection_checkpointer: checkpoints phase 1.
+        final_checkpointer: checkpoints phase 2; a different key than phase 1's.
+
+    Returns:
+        Both phases' results; ``.model`` is the refitted model.
+
+    Raises:
+        ValueError: ``train_config.validate`` is off, the two checkpointers share a
+            key, or the configs disagree with the data.
+    """
+    config = train_config or TrainConfig()
+    if not config.validate:
+        raise ValueError("train_config.validate=False: phase 1 must validate")
+    if (
+        selection_checkpointer is not None
+        and final_checkpointer is not None
+        and selection_checkpointer.key == final_checkpointer.key
+    ):
+        raise ValueError(
+            f"both phases checkpoint to key={final_checkpointer.key!r}; use two keys"
+        )
+    selection = train_sasrec(
+        split,
+        model_config,
+        config,
+        item_text=item_text,
+        checkpointer=selection_checkpointer,
+    )
+    final = refit_sasrec(
+        split,
+        model_config,
+        config,
+        selection.best_epoch,
+        item_text=item_text,
+        checkpointer=final_checkpointer,
+    )
+    return FinalFitResult(selection, final)

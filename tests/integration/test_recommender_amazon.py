@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.evaluate import BASELINE_SEQ_LEN, fit_baselines
+from components.evaluate import BASELINE_SEQ_LEN, BASELINES, fit_baselines
 from shopml.datasets import load_amazon_scientific
 from shopml.evaluation import SegmentRules, evaluate_ranking, evaluate_scorer
 from shopml.models.sasrec import SASRecConfig
 from shopml.models.text import item_text_embeddings
-from shopml.sequences import LeaveOneOutSplit, cold_start_split, split_events
-from shopml.training import TrainConfig, TrainResult, train_sasrec
+from shopml.sequences import LeaveOneOutSplit, Stage, cold_start_split, split_events
+from shopml.training import TrainConfig, TrainResult, refit_sasrec, train_sasrec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,6 +55,18 @@ WARMUP_RATIO = 0.065  # 100 of the 20 x 77 steps
 # (popularity 16 %, ALS 8 %): the test targets are the newest interactions, and what
 # a model learns of the training period's popularity holds less there. Taking
 # popularity out in training (logit adjustment) did not help either.
+#
+# The final fit (shopml.training.refit_sasrec): phase 1 above picks the epoch count on
+# valid (11 of 20, early-stopped at 16; valid NDCG@10 0.0895); phase 2 retrains from
+# scratch, same seed and schedule, on train + every validation item for 11 epochs,
+# and every baseline is fitted on train + valid too (fit_baselines(split, "test")).
+# Test NDCG@10 (HR@10), fitted on train -> fitted on train + valid:
+#   SASRec+text  0.0821 (0.1195) -> 0.0893 (0.1320)   +8.8 % NDCG, +10.5 % HR
+#   ItemKNN      0.0888 (0.1227) -> 0.0948 (0.1294)   +6.8 %, +5.5 %
+#   ALS          0.0685 (0.1031) -> 0.0719 (0.1079)
+#   popularity   0.0180 (0.0316) -> 0.0180 (0.0315)
+# SASRec gains most from the newest transitions and now leads on HR@10, but ItemKNN
+# still ranks its hits higher (NDCG@10 -5.8 %, was -7.5 %).
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +80,12 @@ def amazon(shared_data: Path) -> tuple[LeaveOneOutSplit, list[str]]:
     return split, ["", *(titles.get(i, i) for i in split.vocab.item_ids[1:])]
 
 
-def train(
+def configs(
     split: LeaveOneOutSplit,
     item_text: torch.Tensor | None = None,
     id_dropout: float = 0.0,
-) -> TrainResult:
+) -> tuple[SASRecConfig, TrainConfig]:
+    """The Amazon settings above, with or without a text tower."""
     text_dim = 0 if item_text is None else item_text.size(1)
     model_config = SASRecConfig(
         n_items=split.n_items,
@@ -90,44 +103,84 @@ def train(
         warmup_ratio=WARMUP_RATIO,
         device="cpu",
     )
+    return model_config, train_config
+
+
+# Histories the baselines are fitted on (``LeaveOneOutSplit.histories``) -> label.
+PROTOCOLS: tuple[tuple[Stage, str], ...] = (("valid", "train"), ("test", "train+valid"))
+
+
+def train(
+    split: LeaveOneOutSplit,
+    item_text: torch.Tensor | None = None,
+    id_dropout: float = 0.0,
+) -> TrainResult:
+    """Phase 1: train on the training histories, early-stopping on validation."""
+    model_config, train_config = configs(split, item_text, id_dropout)
     return train_sasrec(split, model_config, train_config, item_text=item_text)
 
 
+def refit(
+    split: LeaveOneOutSplit, epochs: int, item_text: torch.Tensor | None = None
+) -> TrainResult:
+    """Phase 2: the same run from scratch on train + valid for phase 1's epochs."""
+    model_config, train_config = configs(split, item_text)
+    return refit_sasrec(split, model_config, train_config, epochs, item_text=item_text)
+
+
 @pytest.mark.xfail(
-    reason="not met yet: measured test NDCG@10 SASRec+text 0.0821 (HR@10 0.1195; "
-    "valid 0.0895) vs ItemKNN 0.0888 (HR@10 0.1227; valid 0.0899), fitted on the "
-    "same training histories; cosine scores, label smoothing, item masking, "
-    "reversed windows and logit adjustment reach valid 0.0899 at best and test "
-    "0.0819 at best (see the comment at the top); issue 6 notes",
+    reason="not met yet on NDCG@10: final fit (epochs chosen on valid: 11; every "
+    "model refitted on train + valid) test NDCG@10 SASRec+text 0.0893 (HR@10 "
+    "0.1320) vs ItemKNN 0.0948 (HR@10 0.1294), ALS 0.0719 (0.1079), popularity "
+    "0.0180 (0.0315): SASRec beats every baseline on HR@10 and ALS and popularity "
+    "on both, not ItemKNN on NDCG@10; fitted on train only: 0.0821 (0.1195) vs "
+    "ItemKNN 0.0888 (0.1227); issue 6 notes",
     strict=False,
 )
+@pytest.mark.timeout(3600)  # two trainings and two baseline fits: 10-40 min on 2 cores
 def test_sasrec_beats_every_baseline(
     amazon: tuple[LeaveOneOutSplit, list[str]],
 ) -> None:
+    """The final fit: the epoch count chosen on valid, every model refitted on
+    train + valid and scored on test; the training-only protocol is printed too."""
     split, titles = amazon
     torch.set_num_threads(2)
+    item_text = item_text_embeddings(titles)
 
-    result = train(split, item_text_embeddings(titles))
+    selected = train(split, item_text)  # phase 1: the epoch count, on valid only
+    final = refit(split, selected.best_epoch, item_text)  # phase 2: train + valid
 
     figures = {
-        name: evaluate_scorer(
+        f"{name}/{fitted_on}": evaluate_scorer(
             model.full_sort_scores, split, max_seq_len=BASELINE_SEQ_LEN
         )
-        for name, model in fit_baselines(split).items()
+        for stage, fitted_on in PROTOCOLS
+        for name, model in fit_baselines(split, stage).items()
     }
-    figures["sasrec"] = evaluate_scorer(
-        result.model.full_sort_scores, split, max_seq_len=MAX_SEQ_LEN
-    )
+    for fitted_on, result in (("train", selected), ("train+valid", final)):
+        figures[f"sasrec/{fitted_on}"] = evaluate_scorer(
+            result.model.full_sort_scores, split, max_seq_len=MAX_SEQ_LEN
+        )
     print(
         json.dumps(
-            {m: {k: round(v, 4) for k, v in r.items()} for m, r in figures.items()}
+            {
+                "epochs": selected.best_epoch,
+                "sasrec_valid": round(selected.best_valid["ndcg_10"], 4),
+                "test": {
+                    m: {k: round(r[k], 4) for k in ("ndcg_10", "hr_10")}
+                    for m, r in figures.items()
+                },
+            }
         )
     )
-    for name in ("popularity", "itemknn", "als"):
-        assert figures["sasrec"]["ndcg_10"] > figures[name]["ndcg_10"], name
-        assert figures["sasrec"]["hr_10"] > figures[name]["hr_10"], name
+    sasrec = figures["sasrec/train+valid"]
+    for name in BASELINES:
+        baseline = figures[f"{name}/train+valid"]
+        assert sasrec["ndcg_10"] > baseline["ndcg_10"], name
+        assert sasrec["hr_10"] > baseline["hr_10"], name
 
 
+@pytest.mark.timeout(3600)  # two trainings: 10-30 min on 2 shared cores
 def test_the_text_tower_recommends_items_never_seen_in_training(
     amazon: tuple[LeaveOneOutSplit, list[str]],
 ) -> None:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,9 @@ from shopml.training import (
     _lr_lambda,
     _make_loop,
     _optimizer,
+    final_fit,
+    final_fit_split,
+    refit_sasrec,
     train_sasrec,
     training_windows,
 )
@@ -194,6 +198,80 @@ def test_early_stopping_waits_for_min_steps(split: LeaveOneOutSplit) -> None:
     result = train_sasrec(split, model_config, train_config)
 
     assert result.epochs_run >= 10
+
+
+def test_the_final_fit_split_trains_on_every_validation_item(
+    split: LeaveOneOutSplit,
+) -> None:
+    final = final_fit_split(split)
+
+    for before, after, valid in zip(
+        split.train_seqs, final.train_seqs, split.valid_items, strict=True
+    ):
+        assert after.tolist() == [*before.tolist(), valid]
+    assert not final.valid_items.any()
+    assert final.test_items.tolist() == split.test_items.tolist()
+    for a, b in zip(final.histories("test"), split.histories("test"), strict=True):
+        assert a.tolist() == b.tolist()  # test figures read the same histories
+
+
+def test_a_run_without_validation_trains_every_epoch_and_keeps_the_last(
+    split: LeaveOneOutSplit,
+) -> None:
+    model_config, train_config = tiny_configs(split, epochs=4, patience=1)
+    train_config.lr, train_config.min_steps = 0.05, 0  # would stop early if validated
+
+    validated = train_sasrec(split, model_config, train_config)
+    blind = train_sasrec(split, model_config, replace(train_config, validate=False))
+
+    assert [r.valid for r in blind.history] == [None] * 4
+    assert (blind.epochs_run, blind.best_epoch, blind.best_valid) == (4, 4, {})
+    # evaluating draws nothing: both runs take the same steps while both run
+    n = validated.epochs_run
+    assert [r.loss for r in blind.history[:n]] == [r.loss for r in validated.history]
+
+
+def test_refit_retrains_on_train_and_valid_with_the_phase_1_schedule(
+    split: LeaveOneOutSplit,
+) -> None:
+    model_config, train_config = tiny_configs(split, epochs=40)
+
+    refit = refit_sasrec(split, model_config, train_config, epochs=3)
+
+    # the same run by hand: the schedule still spans phase 1's 40 epochs
+    by_hand = train_sasrec(
+        final_fit_split(split),
+        model_config,
+        replace(train_config, epochs=3, schedule_epochs=40, validate=False),
+    )
+    assert (refit.epochs_run, refit.best_epoch, refit.best_valid) == (3, 3, {})
+    assert [r.loss for r in refit.history] == [r.loss for r in by_hand.history]
+    phase_1 = train_sasrec(split, model_config, replace(train_config, epochs=3))
+    assert [r.loss for r in refit.history] != [r.loss for r in phase_1.history]
+    with pytest.raises(ValueError, match="epochs=0 must be at least 1"):
+        refit_sasrec(split, model_config, train_config, epochs=0)
+
+
+def test_final_fit_refits_for_the_selected_epoch_count(
+    split: LeaveOneOutSplit, tmp_path: Path
+) -> None:
+    model_config, train_config = tiny_configs(split, epochs=6, patience=1)
+    train_config.lr, train_config.min_steps = 0.05, 0
+
+    result = final_fit(split, model_config, train_config)
+
+    assert result.final.epochs_run == result.selection.best_epoch
+    assert result.selection.best_valid["ndcg_10"] > 0.0
+    assert result.model is result.final.model
+    same = Checkpointer(LocalStore(tmp_path), "ckpt/last.pt")
+    with pytest.raises(ValueError, match="use two keys"):
+        final_fit(
+            split,
+            model_config,
+            train_config,
+            selection_checkpointer=same,
+            final_checkpointer=same,
+        )
 
 
 def test_a_config_for_another_vocabulary_is_rejected(split: LeaveOneOutSplit) -> None:
