@@ -352,6 +352,11 @@ def materialize(store: Any, start: datetime, end: datetime) -> str:
 
     Returns:
         ``full`` when a view had never been materialized, else ``incremental``.
+
+    Known gap: the registry, not the online store, says what was loaded, so an online
+    store that lost its rows (a Redis restarted without persistence) is not refilled
+    by the next incremental run; :func:`verify_online` then fails the stage. Refill it
+    by deleting the registry (or ``feast materialize`` over the whole range).
     """
     views = [store.get_feature_view(name) for name in FEATURE_VIEWS]
     is_first_run = any(view.most_recent_end_time is None for view in views)
