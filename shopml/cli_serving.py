@@ -45,6 +45,17 @@ from shopml.local_serving import (
     stop_local,
 )
 
+# Cluster options shared by the commands that talk to the Kubernetes API.
+KubeconfigOption = Annotated[
+    Path | None,
+    typer.Option(help="Kubeconfig file (default: in-cluster, ~/.kube)."),
+]
+ContextOption = Annotated[str | None, typer.Option(help="Kubeconfig context.")]
+TimeoutOption = Annotated[
+    float,
+    typer.Option(min=0.1, help="Seconds each API call may take to connect/answer."),
+]
+
 if TYPE_CHECKING:
     from shopml.kserve_objects import ClusterTarget, RolloutPlan
 
@@ -76,15 +87,9 @@ def deploy(
             "rollout would create."
         ),
     ] = False,
-    kubeconfig: Annotated[
-        Path | None,
-        typer.Option(help="Kubeconfig file (default: in-cluster, ~/.kube)."),
-    ] = None,
-    context: Annotated[str | None, typer.Option(help="Kubeconfig context.")] = None,
-    timeout: Annotated[
-        float,
-        typer.Option(min=0.1, help="Seconds each API call may take to connect/answer."),
-    ] = 10.0,
+    kubeconfig: KubeconfigOption = None,
+    context: ContextOption = None,
+    timeout: TimeoutOption = 10.0,
     no_canary: Annotated[
         bool,
         typer.Option(
@@ -186,15 +191,9 @@ def bundles_prune(
     dry_run: Annotated[bool, typer.Option(help="Only list what would go.")] = False,
     name: Annotated[str, typer.Option(help="The search InferenceService.")] = "search",
     namespace: Annotated[str, typer.Option(help="Namespace.")] = "shopml",
-    kubeconfig: Annotated[
-        Path | None,
-        typer.Option(help="Kubeconfig file (default: in-cluster, ~/.kube)."),
-    ] = None,
-    context: Annotated[str | None, typer.Option(help="Kubeconfig context.")] = None,
-    timeout: Annotated[
-        float,
-        typer.Option(min=0.1, help="Seconds each API call may take to connect/answer."),
-    ] = 10.0,
+    kubeconfig: KubeconfigOption = None,
+    context: ContextOption = None,
+    timeout: TimeoutOption = 10.0,
 ) -> None:
     """Delete old search bundles; never one the InferenceService still serves.
 
