@@ -41,9 +41,13 @@ the NumPy-2 shims are aliases: neither costs anything on the CPU.
 How long each side takes here (2 cores; figures of one run on this machine):
 ours ~36 epochs of ~4.3 s, about 2.5 min to early stop on a quiet machine (10-20 min
 when the machine is shared); RecBole about 6 CPU-seconds per 2048-prefix batch, 48
-batches an epoch: ~2.5 min per epoch quiet, 20-30 min per epoch when shared, and
+batches an epoch: ~2 min per epoch quiet on 2 threads, ~3 min on one thread pinned to
+its own core (``taskset -c 1 ... --threads 1``), 20-30 min per epoch when shared, and
 tens of epochs to its early stop, so hours. Run it with ``nohup`` and ``--only
-recbole`` and read the progress file.
+recbole`` and read the progress file; ``--resume`` goes on from RecBole's last
+checkpoint when a run had to be stopped, so it can be spread over several sittings.
+The progress file records wall and CPU seconds; a run pinned to a core of its own
+has the two alike.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ from recbole.trainer import Trainer
 from recbole.utils import init_seed
 
 data_dir, threads, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+resume = sys.argv[4] if len(sys.argv) > 4 else ""
 torch.set_num_threads(threads)
 # RecBole's documented defaults (overall.yaml, SASRec.yaml: 2 layers, 2 heads, hidden
 # 64, inner 256, dropout 0.5, gelu, Adam lr 1e-3, batch 2048, CE, MAX_ITEM_LIST_LENGTH
@@ -119,15 +124,31 @@ dataset = create_dataset(config)
 train_data, valid_data, test_data = data_preparation(config, dataset)
 model = SASRec(config, train_data.dataset)
 trainer = Trainer(config, model)
-marks = {"best": None, "best_score": -1.0}
-started = time.monotonic()
+marks = {"best": None, "best_cpu": None, "best_score": -1.0}
+kept, offset, offset_cpu = [], 0.0, 0.0
+if resume:  # go on from the last best epoch's checkpoint; later epochs are re-run
+    trainer.resume_checkpoint(resume)
+    rows = [json.loads(line) for line in open(out + ".progress.jsonl") if line.strip()]
+    kept = [row for row in rows if row["epoch"] < trainer.start_epoch]
+    last = kept[-1]
+    if (last["epoch"] != trainer.start_epoch - 1
+            or abs(last["valid_ndcg_10"] - trainer.best_valid_score) > 1e-6):
+        sys.exit(f"{resume} is not the best epoch of the progress file: {last}")
+    offset, offset_cpu = last["seconds"], last["cpu_seconds"]
+    marks.update(best=offset, best_cpu=offset_cpu, best_score=last["valid_ndcg_10"])
+started = time.monotonic() - offset
+started_cpu = time.process_time() - offset_cpu
 progress = open(out + ".progress.jsonl", "w")
+progress.writelines(json.dumps(row) + "\n" for row in kept)
+progress.flush()
+if resume:
+    print(f"RecBole resumes at epoch {trainer.start_epoch} from {resume}", flush=True)
 def on_valid(epoch, score):
-    elapsed = time.monotonic() - started
+    elapsed, cpu = time.monotonic() - started, time.process_time() - started_cpu
     if score > marks["best_score"]:
-        marks["best_score"], marks["best"] = score, elapsed
+        marks["best_score"], marks["best"], marks["best_cpu"] = score, elapsed, cpu
     progress.write(json.dumps({"epoch": epoch, "valid_ndcg_10": score,
-                               "seconds": elapsed}) + "\n")
+                               "seconds": elapsed, "cpu_seconds": cpu}) + "\n")
     progress.flush()
 trainer.fit(train_data, valid_data, saved=True, show_progress=False,
             callback_fn=on_valid)
@@ -135,6 +156,7 @@ total = time.monotonic() - started
 test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
 json.dump({"ndcg_10": float(test["ndcg@10"]), "hr_10": float(test["hit@10"]),
            "seconds_to_best": marks["best"], "seconds_total": total,
+           "cpu_seconds_to_best": marks["best_cpu"],
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "n_users": int(dataset.user_num - 1), "n_items": int(dataset.item_num - 1)},
           open(out, "w"))
@@ -217,17 +239,42 @@ def ensure_recbole_venv(venv: Path) -> Path:
     return python
 
 
+def last_checkpoint(work: Path) -> Path:
+    """RecBole's newest checkpoint (saved at each new best validation epoch)."""
+    saved = sorted(
+        (work / "saved").glob("SASRec-*.pth"), key=lambda p: p.stat().st_mtime
+    )
+    if not saved:
+        raise SystemExit(f"--resume: no RecBole checkpoint in {work / 'saved'}")
+    return saved[-1]
+
+
 def run_recbole(  # type: ignore[no-untyped-def]
-    split, venv: Path, work: Path, threads: int
+    split, venv: Path, work: Path, threads: int, resume: bool = False
 ) -> dict[str, float]:
-    """Train RecBole's SASRec in its own environment on the same split."""
+    """Train RecBole's SASRec in its own environment on the same split.
+
+    With ``resume``, training goes on from the newest checkpoint (the last best epoch);
+    the epochs run after it before the interruption are run again, and their time is
+    not counted (in RecBole's favour). Random draws after a resume differ from an
+    uninterrupted run's.
+    """
     python = ensure_recbole_venv(venv)
     write_atomic_files(split, work / "bench")
     out = work / "recbole.json"
     out.unlink(missing_ok=True)  # a stale result must not pass for this run's
     env = {**os.environ, **allocator_env(), "OMP_NUM_THREADS": str(threads)}
+    checkpoint = [str(last_checkpoint(work))] if resume else []
     subprocess.run(
-        [str(python), "-c", RECBOLE_RUN, str(work), str(threads), str(out)],
+        [
+            str(python),
+            "-c",
+            RECBOLE_RUN,
+            str(work),
+            str(threads),
+            str(out),
+            *checkpoint,
+        ],
         check=True,
         cwd=work,
         env=env,
@@ -319,6 +366,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-recbole", action="store_true")
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="RecBole only: go on from its newest checkpoint in --work (hours-long "
+        "runs can be split over several sittings)",
+    )
+    parser.add_argument(
         "--only",
         choices=("both", "ours", "recbole", "report"),
         default="both",
@@ -347,7 +400,9 @@ def main() -> None:
     if args.skip_recbole:
         return
     if args.only in ("both", "recbole"):
-        theirs = run_recbole(split, args.recbole_venv, args.work, args.threads)
+        theirs = run_recbole(
+            split, args.recbole_venv, args.work, args.threads, args.resume
+        )
         print(f"recbole: {json.dumps(theirs)}", flush=True)
     if not ours_file.is_file():
         print(f"no figures of ours in {args.work}: run with --only ours")
