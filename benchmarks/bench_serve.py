@@ -714,8 +714,9 @@ def materialize_movielens(home: Path, redis_url: str) -> list[str]:
     from components.features import build_features
     from shopml.security import load_pseudonymizer
 
-    # The Redis is new on every run: a registry left by the last run would make Feast
-    # materialize incrementally, writing nothing into it (the stage's read-back fails).
+    # The Redis is new on every run, and so is the feature home: every run does the
+    # same first, full load (a registry left over would find the new Redis empty and
+    # refill it, the same rows by a longer path).
     shutil.rmtree(home, ignore_errors=True)
     settings = replace(load_settings(), home=home, redis_url=redis_url)
     pseudonymizer = load_pseudonymizer(settings)

@@ -5,7 +5,8 @@ them as Parquet under the offline root (a local folder or
 ``s3://<bucket>/features/offline``), applies the Feast definitions of ``feature_repo``
 and materializes the online store: the first run over the data's whole time range,
 later runs incrementally up to the data's end, so running the stage twice on the
-same data changes nothing online.
+same data changes nothing online; a later run that finds the online store has lost
+rows it loaded before (a Redis restarted without persistence) loads everything again.
 
 Tables (one Parquet file per feature view, ``<offline_root>/<view>.parquet``):
 
@@ -25,6 +26,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -85,7 +87,8 @@ class FeatureResult:
         n_users: users with at least one event.
         n_items: items in the catalog or seen in events.
         as_of: reference time of the snapshots (the newest event), ISO-8601 UTC.
-        materialization: ``full`` on the first run, ``incremental`` afterwards.
+        materialization: ``full`` on the first run, ``incremental`` afterwards,
+            ``refill`` when the online store had lost rows loaded before.
         duration_s: wall-clock seconds of the whole stage.
         assets: feature view -> ``name@version`` of its table in the ``features`` zone.
     """
@@ -342,34 +345,52 @@ def write_offline_table(frame: pd.DataFrame, path: str, settings: Settings) -> N
     pq.write_table(table, path.removeprefix("s3://"), filesystem=s3)
 
 
-def materialize(store: Any, start: datetime, end: datetime) -> str:
+def materialize(
+    store: Any,
+    start: datetime,
+    end: datetime,
+    online_lost: Callable[[datetime], bool] | None = None,
+) -> str:
     """Load the online store: everything in ``[start, end]`` once, then incrementally.
+
+    The registry, not the online store, remembers what was loaded, so an online store
+    that lost its rows (a Redis restarted without persistence, a flushed database)
+    would never be refilled by incremental runs. ``online_lost`` guards that: given
+    the end of the previous materialization, it says whether rows loaded then are
+    gone, and if so everything in ``[start, end]`` is loaded again.
 
     Args:
         store: the ``feast.FeatureStore`` with the views applied.
-        start: first event time of the data (used on the first run only).
+        start: first event time of the data (used on a full load only).
         end: newest event time of the data (inclusive).
+        online_lost: probe of the online store; ``None`` trusts the registry.
 
     Returns:
-        ``full`` when a view had never been materialized, else ``incremental``.
-
-    Known gap: the registry, not the online store, says what was loaded, so an online
-    store that lost its rows (a Redis restarted without persistence) is not refilled
-    by the next incremental run; :func:`verify_online` then fails the stage. Refill it
-    by deleting the registry (or ``feast materialize`` over the whole range).
+        ``full`` when a view had never been materialized, ``refill`` when the online
+        store had lost rows, else ``incremental``.
     """
     views = [store.get_feature_view(name) for name in FEATURE_VIEWS]
-    is_first_run = any(view.most_recent_end_time is None for view in views)
+    ends = [view.most_recent_end_time for view in views]
+    if any(previous is None for previous in ends):
+        mode = "full"
+    elif online_lost is not None and online_lost(min(ends)):
+        mode = "refill"
+        logger.warning(
+            "online store lost rows materialized up to %s: loading everything again",
+            min(ends),
+        )
+    else:
+        mode = "incremental"
 
     # Feast prints progress lines to stdout; keep them out of the stage's output.
     feast_output = io.StringIO()
     with contextlib.redirect_stdout(feast_output):
-        if is_first_run:
-            store.materialize(start_date=start, end_date=end)
-        else:
+        if mode == "incremental":
             store.materialize_incremental(end_date=end)
+        else:
+            store.materialize(start_date=start, end_date=end)
     logger.debug("feast materialize output: %s", feast_output.getvalue().strip())
-    return "full" if is_first_run else "incremental"
+    return mode
 
 
 def register_feature_assets(
@@ -418,6 +439,41 @@ class MaterializationError(RuntimeError):
     """Materialization reported success but the online store lacks what it wrote."""
 
 
+def sample_users(
+    recent_items: pd.DataFrame, sample: int = 20, before: datetime | None = None
+) -> list[str]:
+    """Users with a non-empty sequence: the first and last ones by pseudonym.
+
+    Args:
+        recent_items: a ``user_recent_items`` offline table.
+        sample: how many users at most.
+        before: only users with a sequence at or before this time (ones an earlier
+            materialization up to it has loaded).
+
+    Returns:
+        Sorted pseudonyms, deterministic for a table.
+    """
+    rows = recent_items[recent_items[ITEM_SEQ_LEN] > 0]
+    if before is not None:
+        cutoff = pd.Timestamp(before)
+        cutoff = cutoff.tz_localize("UTC") if cutoff.tzinfo is None else cutoff
+        rows = rows[rows[TIMESTAMP_FIELD] <= cutoff]
+    users = sorted(rows[USER_JOIN_KEY].unique())
+    return sorted(
+        set(users[: sample // 2] + users[len(users) - (sample - sample // 2) :])
+    )
+
+
+def missing_online(settings: Settings, users: list[str], max_seq_len: int) -> int:
+    """How many of ``users`` have no ``user_recent_items`` sequence online."""
+    from shopml.features import OnlineFeatureClient
+
+    if not users:
+        return 0
+    client = OnlineFeatureClient.from_settings(settings, max_seq_len=max_seq_len)
+    return sum(1 for seq in client.user_sequences(users) if not seq)
+
+
 def verify_online(
     settings: Settings, recent_items: pd.DataFrame, max_seq_len: int, sample: int = 20
 ) -> None:
@@ -432,21 +488,14 @@ def verify_online(
         settings: where the online store is.
         recent_items: the ``user_recent_items`` offline table just materialized.
         max_seq_len: the sequence length the client reads.
-        sample: how many users with a non-empty sequence to read back (the first and
-            last ones by pseudonym, so the check is deterministic).
+        sample: how many users with a non-empty sequence to read back
+            (:func:`sample_users`).
 
     Raises:
         MaterializationError: a sampled user has no sequence online.
     """
-    from shopml.features import OnlineFeatureClient
-
-    has_items = recent_items[recent_items[ITEM_SEQ_LEN] > 0]
-    users = sorted(has_items[USER_JOIN_KEY].unique())
-    if not users:
-        return
-    picked = sorted(set(users[: sample // 2] + users[-(sample - sample // 2) :]))
-    client = OnlineFeatureClient.from_settings(settings, max_seq_len=max_seq_len)
-    missing = sum(1 for seq in client.user_sequences(picked) if not seq)
+    picked = sample_users(recent_items, sample)
+    missing = missing_online(settings, picked, max_seq_len)
     if missing:
         raise MaterializationError(
             f"online store holds no {USER_RECENT_ITEMS} row for {missing} of "
@@ -501,8 +550,14 @@ def build_features(
     endpoint = settings.s3.endpoint_url if settings.s3 else None
     definitions: list[Any] = build_definitions(root, endpoint)
     store.apply(definitions)
-    mode = materialize(store, first.to_pydatetime(), as_of.to_pydatetime())
-    verify_online(settings, tables[USER_RECENT_ITEMS], max_seq_len)
+    recent = tables[USER_RECENT_ITEMS]
+
+    def online_lost(previous_end: datetime) -> bool:
+        users = sample_users(recent, before=previous_end)
+        return missing_online(settings, users, max_seq_len) > 0
+
+    mode = materialize(store, first.to_pydatetime(), as_of.to_pydatetime(), online_lost)
+    verify_online(settings, recent, max_seq_len)
 
     result = FeatureResult(
         offline_root=root,

@@ -298,3 +298,23 @@ def test_pushed_event_changes_the_next_recommendation_within_a_second(
     assert len(after) == 26
     assert after != before
     assert elapsed < 1.0
+
+
+def test_a_wiped_redis_is_refilled_by_the_next_run(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = Settings(
+        home=tmp_path / "home", redis_url=redis_server.url, progress=False
+    )
+    curated = write_tiny_curated(tmp_path / "curated")
+    build_features(curated, settings)
+    before = redis_snapshot(redis_server.url)
+    kept = build_features(curated, settings)  # nothing lost: incremental, no change
+
+    redis.Redis.from_url(redis_server.url).flushall()  # a restart without persistence
+    refilled = build_features(curated, settings)
+
+    assert kept.materialization == "incremental"
+    assert refilled.materialization == "refill"
+    assert redis_snapshot(redis_server.url) == before
+    assert OnlineFeatureClient.from_settings(settings).user_sequence(USER_A)
