@@ -141,9 +141,20 @@ class RowReasons:
     def flag(self, mask: Any, code: str) -> None:
         """Give ``code`` to rows in ``mask`` (booleans, nulls false) without a reason."""
         assert code in REASONS, code
+        if len(mask) != len(self.codes):
+            raise ValueError(
+                f"check {code}: mask of {len(mask)} rows for a table of "
+                f"{len(self.codes)} rows"
+            )
         if isinstance(mask, pa.ChunkedArray | pa.Array):
+            # Most checks flag nothing: a count is cheaper than the mask's copy.
+            if not pc.sum(mask).as_py():
+                return
             mask = pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
-        selected = np.asarray(mask, dtype=bool) & (self.codes == 0)
+        mask = np.asarray(mask, dtype=bool)
+        if not mask.any():
+            return
+        selected = mask & (self.codes == 0)
         self.codes[selected] = _CODES.index(code) + 1
 
     @property

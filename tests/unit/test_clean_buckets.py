@@ -14,7 +14,13 @@ from components.clean import CleanConfig, CleanResult, clean_tables
 from components.ingest import ingest_sources
 from shopml import clean_partition
 from shopml.clean_events import bucket_of, partition_events, rank_codes, read_bucket
-from shopml.quality import flag_bot_users, flag_duplicates, pack_keys, sort_rows
+from shopml.quality import (
+    flag_bot_users,
+    flag_duplicates,
+    flag_near_duplicates,
+    pack_keys,
+    sort_rows,
+)
 from shopml.security import Pseudonymizer
 from shopml.synth import CATALOG_FAULTS, EVENT_FAULTS, SynthConfig, write_synthetic
 
@@ -251,3 +257,81 @@ def test_bot_users_from_the_curated_order_equal_a_fresh_count() -> None:
     ordered = flag_bot_users(users, micros, is_ok, 60, order=sort_rows([users, micros]))
     assert np.array_equal(fresh, ordered)
     assert set(users[fresh]) == {7} and not fresh[~is_ok].any()
+
+
+def test_read_bucket_rebuilds_the_columns_the_bucket_files_leave_out(
+    faulty_raw: Path, tmp_path: Path
+) -> None:
+    raw_path = faulty_raw / "events.parquet"
+    raw = pq.read_table(raw_path)
+    constants = clean_partition.constant_columns(pq.ParquetFile(raw_path))
+    # The synthetic file has no query and no unparsed values, and one source file.
+    assert constants["query"] is None and constants["_unparsed_row"] is None
+    assert constants["_source_file"] == raw.column("_source_file")[0].as_py()
+    assert "user_id" not in constants and "item_id" not in constants
+
+    paths = partition_events(raw_path, tmp_path, 3, PSEUDO, batch_rows=4_000)
+    stored = pa.ipc.open_file(str(paths[0] / "0.arrow")).schema
+    assert "_source_file" not in stored.names and "query" not in stored.names
+    assert stored.field("_pseudonym").type == pa.binary(16)
+
+    buckets = pa.concat_tables([read_bucket(path) for path in paths])
+    assert buckets.schema.names == [*raw.schema.names, "_position", "_pseudonym"]
+    back = buckets.sort_by("_position").select(raw.schema.names)
+    assert back.equals(raw)
+    ids = back.column("user_id").to_pylist()
+    pseudonyms = buckets.sort_by("_position").column("_pseudonym").to_pylist()
+    assert pseudonyms[:50] == [PSEUDO.pseudonymize(u) for u in ids[:50]]
+
+
+def test_constant_columns_need_one_value_in_every_row_group(tmp_path: Path) -> None:
+    path = tmp_path / "groups.parquet"
+    table = pa.table(
+        {
+            "same": ["a"] * 6,
+            "varies": ["a"] * 3 + ["b"] * 3,
+            "nulls": pa.nulls(6, pa.float64()),
+            "partly": [None, "a", "a", "a", "a", "a"],
+            "number": [1] * 6,
+        }
+    )
+    pq.write_table(table, path, row_group_size=3)
+    found = clean_partition.constant_columns(pq.ParquetFile(path), keep=("same",))
+    assert found == {"nulls": None}
+    assert clean_partition.constant_columns(pq.ParquetFile(path))["same"] == "a"
+
+
+def test_pseudonym_text_equals_the_pseudonymizer() -> None:
+    ids = [f"user-{i}" for i in range(300)]
+    digests = PSEUDO.pseudonymize_many(ids)
+    column = pa.array(
+        [None if i % 11 == 0 else d for i, d in enumerate(digests)], pa.binary(16)
+    )
+    for part in (column, column.slice(7, 200), column.slice(0, 0)):
+        text = clean_partition.pseudonym_text(part)
+        text.validate(full=True)
+        expected = [
+            None if d is None else PSEUDO.pseudonymize(ids[digests.index(d)])
+            for d in part.to_pylist()
+        ]
+        assert text.to_pylist() == expected
+
+
+def test_near_duplicates_in_the_curated_order_equal_the_sorted_groups() -> None:
+    rng = np.random.default_rng(11)
+    flagged = 0
+    for trial in range(200):
+        n = int(rng.integers(2, 400))
+        users = rng.integers(0, int(rng.integers(1, 30)), n)
+        # Spans from a burst (many close pairs: the sort takes over) to a year.
+        micros = rng.integers(0, int(rng.choice([5e6, 1e8, 1e10])), n)
+        keys = [users, rng.integers(0, 4, n), rng.integers(0, 3, n)]
+        is_ok = rng.random(n) < 0.85
+        window = float(rng.choice([0.5, 2.0, 30.0]))
+        order = sort_rows([users, micros])
+        in_order = flag_near_duplicates(keys, micros, is_ok, window, time_order=order)
+        sorted_groups = flag_near_duplicates(keys, micros, is_ok, window)
+        assert np.array_equal(in_order, sorted_groups), trial
+        assert not in_order[~is_ok].any()
+        flagged += int(in_order.sum())
+    assert flagged > 100
