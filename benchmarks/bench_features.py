@@ -53,11 +53,11 @@ sys.path.insert(0, str(ROOT))
 from components.features import build_features  # noqa: E402
 from feature_repo import RECOMMENDER_SERVING  # noqa: E402
 from shopml.config import Settings  # noqa: E402
-from shopml.features import (  # noqa: E402
+from shopml.feast_store import feature_store_from_settings  # noqa: E402
+from shopml.online_features import (  # noqa: E402
     SERVING_FEATURES,
     OnlineFeatureClient,
     RedisFeatureReader,
-    feature_store_from_settings,
 )
 
 LOOPBACK = "127.0.0.1"

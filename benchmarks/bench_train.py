@@ -186,7 +186,7 @@ def run_ours(split, threads: int) -> dict[str, float]:  # type: ignore[no-untype
 
     from components.train import TrainParams, _configs
     from shopml.evaluation import evaluate_scorer
-    from shopml.training import train_sasrec
+    from shopml.train_loop import train_sasrec
 
     torch.set_num_threads(threads)
     params = TrainParams(device="cpu", show_progress=False)

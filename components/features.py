@@ -466,7 +466,7 @@ def sample_users(
 
 def missing_online(settings: Settings, users: list[str], max_seq_len: int) -> int:
     """How many of ``users`` have no ``user_recent_items`` sequence online."""
-    from shopml.features import OnlineFeatureClient
+    from shopml.online_features import OnlineFeatureClient
 
     if not users:
         return 0
@@ -524,7 +524,7 @@ def build_features(
     """
     from feature_repo.definitions import build_definitions, offline_table_path
     from shopml.assets import asset_store_from_settings
-    from shopml.features import feature_store_from_settings, offline_root
+    from shopml.feast_store import feature_store_from_settings, offline_root
 
     started = time.monotonic()
     events, catalog = read_curated(curated_dir)

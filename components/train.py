@@ -25,18 +25,15 @@ from shopml.artifact import (
     save_model_artifact,
     save_model_card,
 )
-from shopml.features import split_for_training
+from shopml.checkpoints import Checkpointer
+from shopml.distributed import is_main_process
 from shopml.models.baselines import PopularityRecommender
 from shopml.models.sasrec import SASRecConfig
 from shopml.models.text import TEXT_DIM, item_text_embeddings
 from shopml.sequences import LeaveOneOutSplit
-from shopml.training import (
-    Checkpointer,
-    TrainConfig,
-    TrainResult,
-    is_main_process,
-    train_sasrec,
-)
+from shopml.train_loop import train_sasrec
+from shopml.train_state import TrainConfig, TrainResult
+from shopml.training_data import split_for_training
 
 logger = logging.getLogger(__name__)
 

@@ -57,8 +57,8 @@ from serving.batching import DEFAULT_MAX_WAIT_MS
 from serving.protocol import shown_names
 from serving.recommender import DEFAULT_LOOKUP_TIMEOUT_S, RecommenderModel
 from shopml.config import load_settings
-from shopml.features import OnlineFeatureClient
 from shopml.logs import configure_logging
+from shopml.online_features import OnlineFeatureClient
 from shopml.security import load_pseudonymizer
 
 logger = logging.getLogger(__name__)

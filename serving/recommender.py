@@ -70,7 +70,11 @@ from serving.protocol import (
 )
 from serving.ranking import EXPLAIN_TOP_N, explain_items, item_scorer, rank_items
 from shopml.artifact import ArtifactError, ModelArtifact, load_model_artifact
-from shopml.features import FeatureStoreUnavailable, OnlineFeatureClient, UserFeatures
+from shopml.online_features import (
+    FeatureStoreUnavailable,
+    OnlineFeatureClient,
+    UserFeatures,
+)
 from shopml.security import Pseudonymizer
 
 __all__ = [

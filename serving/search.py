@@ -68,7 +68,7 @@ from serving.recommender import (
     shown_datatype,
     shown_names,
 )
-from shopml.features import OnlineFeatureClient
+from shopml.online_features import OnlineFeatureClient
 from shopml.pii import mask_text
 from shopml.search.encoder import TextEncoder
 from shopml.search.engine import (

@@ -6,6 +6,7 @@ still materialize and be served.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sqlite3
@@ -16,16 +17,13 @@ from typing import Any
 import pandas as pd
 import pytest
 
+import shopml.features
 from components.features import build_features, read_curated, user_recent_items_table
 from feature_repo import FEATURE_VIEWS, PROJECT
 from shopml.config import Settings
-from shopml.features import (
-    FeatureStoreUnavailable,
-    OnlineFeatureClient,
-    feature_store_from_settings,
-    push_events,
-    redis_connection_string,
-)
+from shopml.feast_store import feature_store_from_settings, redis_connection_string
+from shopml.feature_push import push_events
+from shopml.online_features import FeatureStoreUnavailable, OnlineFeatureClient
 
 T1 = datetime(1997, 8, 1, 12, tzinfo=UTC)  # outside the 30-day window of AS_OF
 T2 = datetime(1997, 9, 1, 12, tzinfo=UTC)  # inside 30 days, outside 7 days
@@ -469,3 +467,42 @@ def test_component_body_writes_summary_and_metrics(tmp_path: Path) -> None:
     assert summary["row_counts"]["user_recent_items"] == 8
     assert summary["offline_root"].startswith(str(tmp_path / "home"))  # SHOPML_HOME
     assert metrics.metadata["rows_item_stats"] == 6.0
+
+
+# Every public name of shopml.features before it was split, and the module holding it.
+FEATURES_HOMES = {
+    "RAY_LOCAL_NUM_CPUS": "shopml.feast_store",
+    "RAY_LOCAL_OBJECT_STORE_BYTES": "shopml.feast_store",
+    "RAY_WRITE_CONCURRENCY": "shopml.feast_store",
+    "REDIS_TIMEOUT_S": "shopml.feast_store",
+    "REGISTRY_CACHE_TTL_S": "shopml.feast_store",
+    "check_join_keys": "shopml.feast_store",
+    "feature_service_join_keys": "shopml.feast_store",
+    "feature_store_from_settings": "shopml.feast_store",
+    "offline_root": "shopml.feast_store",
+    "redis_connection_string": "shopml.feast_store",
+    "push_events": "shopml.feature_push",
+    "SERVING_FEATURES": "shopml.online_features",
+    "FeatureStoreUnavailable": "shopml.online_features",
+    "OnlineFeatureClient": "shopml.online_features",
+    "RedisFeatureReader": "shopml.online_features",
+    "UserFeatures": "shopml.online_features",
+    "read_online_features": "shopml.online_features",
+    "TRAINING_SOURCES": "shopml.training_data",
+    "feast_training_split": "shopml.training_data",
+    "prepare_entity_frame": "shopml.training_data",
+    "split_for_training": "shopml.training_data",
+    "training_cutoffs": "shopml.training_data",
+    "training_examples": "shopml.training_data",
+}
+
+
+def test_features_exports_every_name_it_held_before_the_split() -> None:
+    assert sorted(shopml.features.__all__) == sorted(FEATURES_HOMES)
+
+
+@pytest.mark.parametrize("name", sorted(FEATURES_HOMES))
+def test_features_re_exports_the_object_of_its_home_module(name: str) -> None:
+    home = importlib.import_module(FEATURES_HOMES[name])
+
+    assert getattr(shopml.features, name) is getattr(home, name)

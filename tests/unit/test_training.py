@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import signal
 import subprocess
 import sys
@@ -14,26 +15,20 @@ import pandas as pd
 import pytest
 import torch
 
+import shopml.training
 from components.train import TrainParams, train, train_model
 from shopml.artifact import load_model_artifact
+from shopml.checkpoints import Checkpointer
+from shopml.distributed import DistContext
 from shopml.evaluation import evaluate_scorer
+from shopml.final_fit import final_fit, final_fit_split, refit_sasrec
 from shopml.models.baselines import PopularityRecommender
 from shopml.models.sasrec import SASRec, SASRecConfig
+from shopml.optimization import _lr_lambda, _optimizer
 from shopml.sequences import LeaveOneOutSplit, split_events
 from shopml.storage import LocalStore
-from shopml.training import (
-    Checkpointer,
-    DistContext,
-    TrainConfig,
-    _lr_lambda,
-    _make_loop,
-    _optimizer,
-    final_fit,
-    final_fit_split,
-    refit_sasrec,
-    train_sasrec,
-    training_windows,
-)
+from shopml.train_loop import _make_loop, train_sasrec, training_windows
+from shopml.train_state import TrainConfig
 
 N_USERS = 30
 
@@ -347,7 +342,8 @@ import os, signal, sys
 import torch
 torch.set_num_threads(1)
 from shopml.storage import LocalStore
-from shopml.training import Checkpointer, train_sasrec
+from shopml.checkpoints import Checkpointer
+from shopml.train_loop import train_sasrec
 from tests.unit.test_training import cyclic_events, catalog, tiny_configs
 from shopml.sequences import split_events
 
@@ -417,3 +413,36 @@ def test_training_with_a_text_tower_uses_the_item_text(split: LeaveOneOutSplit) 
 
     assert torch.equal(result.model.get_buffer("item_text"), item_text)
     assert result.model.text_proj is not None
+
+
+# Every public name of shopml.training before it was split, and the module holding it.
+TRAINING_HOMES = {
+    "Checkpointer": "shopml.checkpoints",
+    "DEVICES": "shopml.distributed",
+    "DistContext": "shopml.distributed",
+    "init_distributed": "shopml.distributed",
+    "is_main_process": "shopml.distributed",
+    "resolve_device": "shopml.distributed",
+    "FinalFitResult": "shopml.final_fit",
+    "final_fit": "shopml.final_fit",
+    "final_fit_split": "shopml.final_fit",
+    "refit_sasrec": "shopml.final_fit",
+    "train_sasrec": "shopml.train_loop",
+    "training_windows": "shopml.train_loop",
+    "SELECTION_METRIC": "shopml.train_state",
+    "EpochCallback": "shopml.train_state",
+    "EpochRecord": "shopml.train_state",
+    "TrainConfig": "shopml.train_state",
+    "TrainResult": "shopml.train_state",
+}
+
+
+def test_training_exports_every_name_it_held_before_the_split() -> None:
+    assert sorted(shopml.training.__all__) == sorted(TRAINING_HOMES)
+
+
+@pytest.mark.parametrize("name", sorted(TRAINING_HOMES))
+def test_training_re_exports_the_object_of_its_home_module(name: str) -> None:
+    home = importlib.import_module(TRAINING_HOMES[name])
+
+    assert getattr(shopml.training, name) is getattr(home, name)
