@@ -87,6 +87,9 @@ WARMUP_RATIO = 0.065  # 100 of the 20 x 77 steps
 # run). The best, 3 members with EMA, is 0.0912:
 # +1.4 % over ItemKNN on NDCG@10 (+10 % on HR@10), short of the 3 % margin asked
 # for before test is looked at. So test was not looked at and neither was built.
+# Width 256 (seed 0, the rest as above): best weights 0.0887 (0.1361) at epoch 5,
+# EMA 0.995 0.0912 (0.1395) at epoch 6, overfitting from epoch 7 (128 wide, same
+# seed: 0.0879 / 0.0887): +1 % / +3 %, about one seed's noise.
 
 
 @pytest.fixture(scope="module")
