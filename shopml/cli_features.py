@@ -96,11 +96,9 @@ def push(
     ] = 50,
 ) -> None:
     """Append new events to the users' online sequences through the push source."""
-    from shopml.features import (
-        FeatureStoreUnavailable,
-        feature_store_from_settings,
-        push_events,
-    )
+    from shopml.feast_store import feature_store_from_settings
+    from shopml.feature_push import push_events
+    from shopml.online_features import FeatureStoreUnavailable
 
     settings = load_settings()
     try:

@@ -241,7 +241,7 @@ def purge_key(store: ObjectStore, key: str) -> None:
 
 def _erase_offline(settings: Settings, pseudonym: str, result: ErasureResult) -> None:
     """Remove the person's rows from the offline tables of user-keyed feature views."""
-    from shopml.features import offline_root
+    from shopml.feast_store import offline_root
 
     root = offline_root(settings).rstrip("/")
     for view in USER_FEATURE_VIEWS:
@@ -311,7 +311,7 @@ def _erase_online(settings: Settings, pseudonym: str) -> int:
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
 
-    from shopml.features import feature_store_from_settings
+    from shopml.feast_store import feature_store_from_settings
 
     config = feature_store_from_settings(settings).config
     entity_key = serialize_entity_key(
