@@ -7,21 +7,27 @@ repeat checks, masking and the curated rows) and runs the three steps of
 1. **Partition** (:mod:`shopml.clean_partition`: one streaming pass over the raw
    Parquet file in record batches, its row groups shared among
    ``CleanConfig.partition_threads`` threads): every distinct raw user id is
-   normalized and pseudonymized once per thread, and each row goes to the bucket
-   (Arrow IPC files) of its pseudonym. Buckets are *ranges* of the pseudonym (its
-   first 32 bits times ``P``, shifted right by 32), so all events of a user share a
-   bucket and the buckets, in order, follow the pseudonym order. ``P`` keeps each
-   bucket near ``CleanConfig.rows_per_bucket`` rows.
+   trimmed once per batch, and normalized and pseudonymized once (in a cache the
+   threads share), and each row goes to the bucket (Arrow IPC files) of its
+   pseudonym; the pass also counts the user ids that trimming repaired. Buckets
+   are *ranges* of the pseudonym (its first 32 bits times ``P``, shifted right by
+   32), so all events of a user share a bucket and the buckets, in order, follow
+   the pseudonym order. ``P`` keeps each bucket near ``CleanConfig.rows_per_bucket``
+   rows.
 2. **Clean** each bucket as one task of a Dask graph (:mod:`shopml.processing`):
-   row checks vectorized with pyarrow, then exact duplicates, near duplicates and bot
-   users on integer codes of the columns (:mod:`shopml.clean_sort`'s
+   row checks vectorized with pyarrow (``event_type`` repaired and checked once per
+   distinct value; ``user_id`` not trimmed again), then exact duplicates, near
+   duplicates and bot users on integer codes of the columns (:mod:`shopml.clean_sort`'s
    :class:`~shopml.clean_sort.BucketSort`: the user's dense rank
    and the timestamp for every row, the other columns ranked only where two rows
    share user and timestamp; one sort gives the curated order, the duplicates and the
    bots' busiest minutes, see :mod:`shopml.quality`); free text is masked
    once per distinct value, and only where a cheap filter finds a digit or an ``@``
-   (nothing without one can be a card, email, phone or address). A task writes its
-   curated and quarantined rows as IPC parts and returns their counts.
+   (nothing without one can be a card, email, phone or address). A task hands its
+   curated and quarantined rows to the merge and returns their counts: in memory
+   with the in-process scheduler (:func:`clean_bucket_in_memory`, through a
+   :class:`~shopml.clean_merge.PartHandoff`), as IPC part files on a Dask cluster
+   (:func:`clean_bucket`).
 3. **Merge** the parts in bucket order into ``events.parquet`` (curated) and the
    quarantine file (:mod:`shopml.clean_merge`), in row groups of a fixed size, so
    the files do not depend on ``P`` or on the scheduler. The merge follows the tasks
@@ -36,8 +42,10 @@ raw order (``source_row``) within a bucket. The same input gives byte-identical
 files.
 
 Memory: two record batches (one read ahead) and a bounded cache of pseudonyms in the
-partition pass, one bucket per running task in the clean step, one row group per
-output in the merge (which runs beside the clean step); none grows with the input
+partition pass, one bucket per running task in the clean step, the cleaned parts of
+at most ``_HANDOFF_BUCKETS`` buckets waiting for the merge (in-process), one row
+group per output in the merge (which runs beside the clean step); none grows with
+the input
 (one user's events do share a bucket: a single user with tens of millions of events
 makes a large one).
 
@@ -50,6 +58,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -59,15 +68,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from shopml.clean_merge import PARQUET_OPTIONS, ROW_GROUP_ROWS, PartMerger, merge_parts
+from shopml.clean_merge import (
+    PARQUET_OPTIONS,
+    ROW_GROUP_ROWS,
+    PartHandoff,
+    PartMerger,
+    merge_parts,
+)
 from shopml.clean_partition import (
     BATCH_ROWS,
     PARTITION_THREADS,
     PSEUDONYM_COLUMN,
     bucket_of,
     partition_events,
+    pseudonym_text,
     read_bucket,
     read_ipc,
+    split_events,
     write_ipc,
 )
 from shopml.clean_rules import (
@@ -109,6 +126,7 @@ __all__ = [
     "BucketSort",
     "bucket_of",
     "clean_bucket",
+    "clean_bucket_in_memory",
     "clean_events",
     "curated_schema",
     "group_codes",
@@ -118,6 +136,7 @@ __all__ = [
     "rank_codes",
     "read_bucket",
     "sort_bucket",
+    "split_events",
     "tied_codes",
 ]
 
@@ -199,29 +218,36 @@ def clean_events(
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         bucket_dir, threads = work_dir / "buckets", config.partition_threads
-        buckets = partition_events(
+        partition = split_events(
             raw_path, bucket_dir, n_buckets, pseudonymizer, threads=threads
         )
         rules = _write_rules(work_dir / "items.arrow", item_ids, now, config)
         outputs = (curated_path, quarantine_path)
         results, kept, rejected = _clean_buckets(
-            buckets, work_dir / "parts", rules, outputs, dask_address
+            partition.paths, work_dir / "parts", rules, outputs, dask_address
         )
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
-    return _reconcile(results, rows_in, kept, rejected)
+    return _reconcile(results, rows_in, kept, rejected, partition.padded_user_ids)
 
 
 def _reconcile(
-    results: list[BucketResult], rows_in: int, kept: int, rejected: int
+    results: list[BucketResult],
+    rows_in: int,
+    kept: int,
+    rejected: int,
+    padded_user_ids: int,
 ) -> TableReport:
     """The buckets' summed report, checked against the raw and written row counts.
+
+    ``padded_user_ids`` (counted by the partition pass) joins the buckets'
+    ``whitespace`` repairs.
 
     Raises:
         ReconciliationError: the counts do not add up.
     """
-    report = _sum_results("events", results)
+    report = _sum_results("events", results, {"whitespace": padded_user_ids})
     report.check_reconciled()
     if (report.rows_in, report.rows_kept, report.rows_quarantined) != (
         rows_in,
@@ -249,6 +275,9 @@ def _clean_buckets(
 ) -> tuple[list[BucketResult], int, int]:
     """Clean every bucket as a Dask task and merge its parts into ``outputs``.
 
+    On a cluster the tasks write part files that the merge reads; in-process they
+    hand their tables over (:class:`~shopml.clean_merge.PartHandoff`).
+
     Args:
         buckets: the bucket folders, in bucket order.
         parts: folder for the part files (created).
@@ -261,9 +290,16 @@ def _clean_buckets(
         and the rows written to each output.
     """
     parts.mkdir(exist_ok=True)
-    arguments = [(str(path), str(parts), rules) for path in buckets]
+    handoff = PartHandoff(limit=_HANDOFF_BUCKETS)
+    arguments: list[tuple[object, ...]]
+    if dask_address:
+        task: Callable[..., BucketResult] = clean_bucket
+        arguments = [(str(path), str(parts), rules) for path in buckets]
+    else:
+        task = clean_bucket_in_memory
+        arguments = [(str(p), i, handoff, rules) for i, p in enumerate(buckets)]
     done = iter_task_results(
-        clean_bucket, arguments, address=dask_address, scheduler=rules.config.scheduler
+        task, arguments, address=dask_address, scheduler=rules.config.scheduler
     )
     # Each bucket's parts are merged as soon as the buckets before it are done,
     # while the later buckets are being cleaned.
@@ -273,14 +309,26 @@ def _clean_buckets(
         PartMerger(curated_path) as curated,
         PartMerger(quarantine_path) as quarantined,
     ):
-        for path, result in zip(buckets, done, strict=True):
-            curated.add(parts / f"{path.stem}.curated.arrow")
-            quarantined.add(parts / f"{path.stem}.quarantine.arrow")
+        for bucket, (path, result) in enumerate(zip(buckets, done, strict=True)):
+            if dask_address:
+                kept_part: Path | pa.Table = parts / f"{path.stem}.curated.arrow"
+                rejected_part: Path | pa.Table = parts / f"{path.stem}.quarantine.arrow"
+            else:
+                kept_part, rejected_part = handoff.take(bucket)
+            curated.add(kept_part)
+            quarantined.add(rejected_part)
             results.append(result)
     return results, curated.rows, quarantined.rows
 
 
-def _sum_results(table: str, results: list[BucketResult]) -> TableReport:
+#: Buckets cleaned in-process whose parts may wait for the merge before a task
+#: waits (see :class:`~shopml.clean_merge.PartHandoff`).
+_HANDOFF_BUCKETS = 4
+
+
+def _sum_results(
+    table: str, results: list[BucketResult], more_repairs: dict[str, int]
+) -> TableReport:
     reasons: dict[str, int] = {}
     repairs: dict[str, int] = {}
     for result in results:
@@ -288,6 +336,8 @@ def _sum_results(table: str, results: list[BucketResult]) -> TableReport:
             reasons[key] = reasons.get(key, 0) + value
         for key, value in result.repairs.items():
             repairs[key] = repairs.get(key, 0) + value
+    for key, value in more_repairs.items():
+        repairs[key] = repairs.get(key, 0) + value
     return TableReport(
         table=table,
         rows_in=sum(r.rows_in for r in results),
@@ -323,15 +373,46 @@ def clean_bucket(bucket_path: str, parts_dir: str, rules: BucketRules) -> Bucket
     Returns:
         The bucket's counts, reasons and repairs.
     """
-    raw = read_bucket(Path(bucket_path))
+    result, curated, quarantine = _clean_bucket_tables(bucket_path, rules)
+    stem = Path(bucket_path).stem
+    write_ipc(curated, Path(parts_dir) / f"{stem}.curated.arrow")
+    write_ipc(quarantine, Path(parts_dir) / f"{stem}.quarantine.arrow")
+    return result
+
+
+def clean_bucket_in_memory(
+    bucket_path: str, bucket: int, handoff: PartHandoff, rules: BucketRules
+) -> BucketResult:
+    """Clean one bucket of events; hand its parts to the merge in this process.
+
+    The in-process scheduler's task: like :func:`clean_bucket`, but the curated and
+    quarantined tables go to ``handoff`` (as bucket number ``bucket``) instead of
+    being written to part files and read back.
+
+    Returns:
+        The bucket's counts, reasons and repairs.
+    """
+    result, curated, quarantine = _clean_bucket_tables(bucket_path, rules)
+    handoff.put(bucket, (curated, quarantine))
+    return result
+
+
+def _clean_bucket_tables(
+    bucket_path: str, rules: BucketRules
+) -> tuple[BucketResult, pa.Table, pa.Table]:
+    """Clean one bucket: its counts, curated table and quarantine table."""
+    # Pseudonyms stay digests (they sort like their text) until the curated rows.
+    raw = read_bucket(Path(bucket_path), digests=True)
     items = read_ipc(Path(rules.items_path)).column("item_id")
-    frame, padded = _event_frame(raw)
+    frame, padded, types = _event_frame(raw)
     reasons = RowReasons(raw.num_rows)
     # Distinct items once: for the catalog check and the near-duplicate groups.
     item_ids = pc.dictionary_encode(frame["item_id"])
-    repairs = _check_rows(raw, frame, reasons, (item_ids, items), rules)
+    _check_rows(raw, frame, reasons, (item_ids, items), types, rules)
+    repairs = {"event_type": types.repaired}
     ordered = sort_bucket(frame)
-    _check_repeats(frame, ordered, reasons, group_codes(item_ids), rules.config)
+    codes = (group_codes(item_ids), types.codes)
+    _check_repeats(frame, ordered, reasons, codes, rules.config)
     masked, mask_repairs = mask_free_text(frame)
     repairs |= mask_repairs | {"whitespace": padded}
 
@@ -339,42 +420,122 @@ def clean_bucket(bucket_path: str, parts_dir: str, rules: BucketRules) -> Bucket
     bad_rows = np.flatnonzero(is_bad)
     quarantine = quarantine_rows(raw, is_bad, reasons.labels(bad_rows))
     curated = _curate(frame, masked, ordered, reasons.is_ok)
-
-    stem = Path(bucket_path).stem
-    write_ipc(curated, Path(parts_dir) / f"{stem}.curated.arrow")
-    write_ipc(quarantine, Path(parts_dir) / f"{stem}.quarantine.arrow")
-    return BucketResult(
+    result = BucketResult(
         rows_in=raw.num_rows,
         rows_kept=curated.num_rows,
         rows_quarantined=quarantine.num_rows,
         reasons=reasons.counts(),
         repairs=repairs,
     )
+    return result, curated, quarantine
 
 
-def _event_frame(raw: pa.Table) -> tuple[dict[str, pa.Array], int]:
+@dataclass(frozen=True)
+class _EventTypes:
+    """A bucket's event types, checked once per distinct raw value.
+
+    Attributes:
+        codes: per row, the code of its repaired type (equal types, equal codes;
+            null -> the number of distinct types), for the near-duplicate groups.
+        is_known: per row, whether the repaired type is in the vocabulary.
+        repaired: rows whose type trimming or lower-casing turned into a known one.
+    """
+
+    codes: np.ndarray
+    is_known: np.ndarray
+    repaired: int
+
+
+def _event_frame(raw: pa.Table) -> tuple[dict[str, pa.Array], int, _EventTypes]:
     """Data columns as checked: text trimmed (blank -> null), user_id pseudonymized.
 
+    ``user_id`` is not trimmed here: the pseudonym replaces it (as the digests the
+    bucket holds, see :func:`shopml.clean_partition.read_bucket`), and the partition
+    pass counts its padded cells. ``event_type`` is repaired (trimmed, lower-cased)
+    and checked once per distinct value (a handful), rows take their value's answers.
+
     Returns:
-        ``(columns by name, padded)``: ``padded`` counts the text cells that trimming
-        repaired (what :func:`shopml.quality.count_padded` counts), from the same trim.
+        ``(columns by name, padded, event types)``: ``padded`` counts the text cells
+        that trimming repaired (what :func:`shopml.quality.count_padded` counts),
+        user ids aside.
     """
     frame, padded = {}, 0
+    types = None
     for name in raw.column_names:
         if name.startswith("_"):
             continue
-        column = raw.column(name).combine_chunks()
-        if pa.types.is_string(column.type):
-            trimmed = pc.utf8_trim_whitespace(column)
-            is_blank = pc.equal(trimmed, "")
-            is_padded = pc.and_not(pc.not_equal(trimmed, column), is_blank)
-            padded += int(pc.sum(is_padded).as_py() or 0)
-            column = pc.if_else(is_blank, pa.scalar(None, pa.string()), trimmed)
+        source = PSEUDONYM_COLUMN if name == "user_id" else name
+        column = raw.column(source).combine_chunks()
+        if name == "event_type" and pa.types.is_string(column.type):
+            column, types, padded_types = _event_types(column)
+            padded += padded_types
+        elif pa.types.is_string(column.type):
+            column, padded_cells = _trim_text(column)
+            padded += padded_cells
         frame[name] = column
-    frame["user_id"] = raw.column(PSEUDONYM_COLUMN).combine_chunks()
-    # Case and whitespace of event types are repaired before the vocabulary check.
-    frame["event_type"] = pc.utf8_lower(frame["event_type"])
-    return frame, padded
+    if types is None:
+        found = dict(zip(raw.column_names, raw.schema.types, strict=True))
+        raise TypeError(
+            f"raw events need a string column event_type; found "
+            f"{found.get('event_type', 'no such column')}"
+        )
+    return frame, padded, types
+
+
+def _trim_text(column: pa.Array) -> tuple[pa.Array, int]:
+    """Text trimmed, blank -> null; and the cells trimming repaired (not blank).
+
+    Trimming changes a value exactly when it shortens it, so lengths are compared
+    rather than the text.
+    """
+    trimmed = pc.utf8_trim_whitespace(column)
+    length = pc.binary_length(trimmed)
+    is_blank = pc.equal(length, 0)
+    is_padded = pc.and_not(pc.not_equal(length, pc.binary_length(column)), is_blank)
+    padded = int(pc.sum(is_padded).as_py() or 0)
+    if pc.any(is_blank).as_py():
+        trimmed = pc.if_else(is_blank, pa.scalar(None, pa.string()), trimmed)
+    return trimmed, padded
+
+
+def _event_types(column: pa.Array) -> tuple[pa.Array, _EventTypes, int]:
+    """Repaired event types (trimmed, blank -> null, lower case), their checks and
+    the padded cells, computed on the distinct raw values.
+
+    Returns:
+        ``(repaired column, checks, padded)``.
+    """
+    encoded = pc.dictionary_encode(column)
+    values = encoded.dictionary
+    n_values = len(values)
+    rows = np.asarray(
+        pc.fill_null(encoded.indices, n_values).to_numpy(zero_copy_only=False)
+    )
+    per_value = np.bincount(rows, minlength=n_values + 1)[:n_values]
+    trimmed = pc.utf8_trim_whitespace(values)
+    is_blank = pc.equal(trimmed, "")
+    is_padded = np.asarray(pc.and_not(pc.not_equal(trimmed, values), is_blank))
+    repaired = pc.utf8_lower(
+        pc.if_else(is_blank, pa.scalar(None, pa.string()), trimmed)
+    )
+    is_known = np.asarray(
+        pc.is_in(repaired, value_set=pa.array(EVENT_TYPES)), dtype=bool
+    )
+    is_changed = np.asarray(
+        pc.fill_null(pc.not_equal(repaired, values), False), dtype=bool
+    )
+    # Equal repaired types (" View" and "view") share one code.
+    unified = pc.dictionary_encode(repaired)
+    codes = pc.fill_null(unified.indices, len(unified.dictionary))
+    codes = np.append(
+        np.asarray(codes.to_numpy(zero_copy_only=False)), len(unified.dictionary)
+    )
+    checks = _EventTypes(
+        codes=codes[rows].astype(np.int64),
+        is_known=np.append(is_known, False)[rows],
+        repaired=int(per_value[is_changed & is_known].sum()),
+    )
+    return repaired.take(encoded.indices), checks, int(per_value[is_padded].sum())
 
 
 def _check_rows(
@@ -382,11 +543,13 @@ def _check_rows(
     frame: dict[str, pa.Array],
     reasons: RowReasons,
     items: tuple[pa.DictionaryArray, pa.ChunkedArray],
+    types: _EventTypes,
     rules: BucketRules,
-) -> dict[str, int]:
+) -> None:
     """The checks that look at one row at a time, in the order reasons are given.
 
-    ``items`` holds the bucket's item ids (dictionary-encoded) and the catalog's.
+    ``items`` holds the bucket's item ids (dictionary-encoded) and the catalog's;
+    ``types`` the event types' checks (see :func:`_event_types`).
     """
     reasons.flag(unparsed_mask(raw, "row"), "unreadable_row")
     for name in ("user_id", "item_id", "event_type"):
@@ -395,11 +558,7 @@ def _check_rows(
     reasons.flag(pc.is_null(frame["timestamp"]), "null_timestamp")
     reasons.flag(unparsed_mask(raw, "value"), "bad_value")
 
-    original = raw.column("event_type")
-    is_known = pc.is_in(frame["event_type"], value_set=pa.array(EVENT_TYPES))
-    reasons.flag(pc.invert(is_known), "bad_event_type")
-    is_changed = pc.fill_null(pc.not_equal(frame["event_type"], original), False)
-    repaired = pc.sum(pc.and_(is_changed, is_known)).as_py() or 0
+    reasons.flag(~types.is_known, "bad_event_type")
 
     config, timestamps = rules.config, frame["timestamp"]
     latest = pa.scalar(rules.now + config.future_tolerance, TIMESTAMP_TYPE)
@@ -411,17 +570,19 @@ def _check_rows(
     is_listed = pc.is_in(item_ids.dictionary, value_set=catalog.combine_chunks())
     is_listed = np.append(np.asarray(is_listed, dtype=bool), False)
     reasons.flag(~is_listed[group_codes(item_ids)], "unknown_item")
-    return {"event_type": int(repaired)}
 
 
 def _check_repeats(
     frame: dict[str, pa.Array],
     ordered: BucketSort,
     reasons: RowReasons,
-    item_codes: np.ndarray,
+    codes: tuple[np.ndarray, np.ndarray],
     config: CleanConfig,
 ) -> None:
-    """Exact duplicates, near duplicates and bot users, among rows still in play."""
+    """Exact duplicates, near duplicates and bot users, among rows still in play.
+
+    ``codes`` are the rows' item and event type codes (equal values, equal codes).
+    """
     # Rows equal in every column share user and timestamp: only tied rows compare.
     is_duplicate = flag_duplicates(
         ordered.keys, reasons.is_ok & ordered.is_tied, ordered.order
@@ -430,7 +591,7 @@ def _check_repeats(
 
     micros = _micros(frame["timestamp"])
     users = ordered.keys[0]
-    keys = [users, item_codes, group_codes(frame["event_type"])]
+    keys = [users, *codes]
     window = config.near_duplicate_window_s
     # The curated order lists each user's rows by time, so each (user, item, type)
     # group's rows too.
@@ -514,5 +675,18 @@ def _curate(
             for name, key in zip(ordered.names, ordered.keys, strict=True)
         ]
         kept = sort_rows(sort_codes, np.sort(kept))
-    arrays = [columns[name].cast(schema.field(name).type) for name in schema.names]
-    return pa.Table.from_arrays(arrays, schema=schema).take(pa.array(kept))
+    rows = pa.array(kept)
+    arrays = [
+        _curated_column(name, columns[name], schema.field(name).type, rows)
+        for name in schema.names
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _curated_column(
+    name: str, column: pa.Array, kind: pa.DataType, rows: pa.Array
+) -> pa.Array:
+    """The kept ``rows`` of a column, typed; pseudonym digests become their text."""
+    if name == "user_id" and pa.types.is_fixed_size_binary(column.type):
+        return pseudonym_text(column.take(rows))
+    return column.cast(kind).take(rows)

@@ -4,15 +4,20 @@
 file in row groups of a fixed size (:data:`ROW_GROUP_ROWS`), so the file depends on
 the rows only, not on the number of buckets or on the scheduler; the stage merges
 each bucket's parts as soon as the buckets before it are done. :func:`merge_parts`
-merges a list of parts in one call. :data:`PARQUET_OPTIONS` are the Parquet options
-of every file the data stages write. :mod:`shopml.clean_events` runs the whole
-clean.
+merges a list of parts in one call. A part is an IPC file (the bucket tasks of a Dask
+cluster write them on shared storage) or, with the in-process scheduler, a table
+the task handed over through a :class:`PartHandoff` (no file written and read
+back). :data:`PARQUET_OPTIONS` are the Parquet options of every file the data stages
+write. :mod:`shopml.clean_events` runs the whole clean.
 
-Memory: one row group per output file.
+Memory: one row group per output file, and the parts a :class:`PartHandoff` holds
+(at most its ``limit`` buckets ahead of the merge, but for the one it waits on).
 """
 
 from __future__ import annotations
 
+import threading
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -70,9 +75,9 @@ class PartMerger:
     def __enter__(self) -> PartMerger:
         return self
 
-    def add(self, part: Path) -> None:
-        """Append the rows of one part file (Arrow IPC)."""
-        table = read_ipc(part)
+    def add(self, part: Path | pa.Table) -> None:
+        """Append the rows of one part: an Arrow IPC file, or the table itself."""
+        table = part if isinstance(part, pa.Table) else read_ipc(part)
         if self._writer is None:
             self._writer = pq.ParquetWriter(
                 self.target, table.schema, **PARQUET_OPTIONS
@@ -101,3 +106,54 @@ class PartMerger:
         finally:
             self._pending, self._held = [], 0
             self._writer.close()
+
+
+class PartHandoff:
+    r"""Part tables handed from in-process bucket tasks to the merge, by bucket.
+
+    A task :meth:`put`\ s its bucket's parts; the merge :meth:`take`\ s them in
+    bucket order. A task more than ``limit`` buckets ahead of the merge waits (at
+    most ``wait_s`` seconds, so a scheduler that starts tasks out of order cannot
+    deadlock it), which keeps the tables held bounded; the bucket the merge needs
+    next never waits.
+
+    Args:
+        limit: buckets held before a later one waits.
+        wait_s: longest wait of one :meth:`put`.
+    """
+
+    def __init__(self, limit: int, wait_s: float = 30.0) -> None:
+        self.limit = limit
+        self.wait_s = wait_s
+        self._held: dict[int, tuple[pa.Table, ...]] = {}
+        self._next = 0
+        self._changed = threading.Condition()
+        self._token = uuid.uuid4().hex
+
+    def __dask_tokenize__(self) -> str:
+        # One token per handoff: Dask names its tasks by their arguments.
+        return self._token
+
+    def put(self, bucket: int, parts: tuple[pa.Table, ...]) -> None:
+        """Hand over the parts of bucket number ``bucket``."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: bucket == self._next or len(self._held) < self.limit,
+                timeout=self.wait_s,
+            )
+            self._held[bucket] = parts
+            self._changed.notify_all()
+
+    def take(self, bucket: int) -> tuple[pa.Table, ...]:
+        """The parts of bucket ``bucket`` (its task is done); the next is awaited.
+
+        Raises:
+            KeyError: no task handed bucket ``bucket`` over.
+        """
+        with self._changed:
+            if bucket not in self._held:
+                raise KeyError(f"bucket {bucket} has no parts in the handoff")
+            parts = self._held.pop(bucket)
+            self._next = bucket + 1
+            self._changed.notify_all()
+        return parts

@@ -1,8 +1,11 @@
 """Partition of raw events into user buckets, the first step of the events clean.
 
 One streaming pass over the raw Parquet file in record batches, its row groups shared
-among ``CleanConfig.partition_threads`` threads (:func:`partition_events`): every
-distinct raw user id is normalized and pseudonymized once
+among ``CleanConfig.partition_threads`` threads (:func:`split_events`, or
+:func:`partition_events` for the folders alone): every distinct raw user id of a
+batch is trimmed once (the rows whose id trimming repaired are counted here, for the
+``whitespace`` repair; the bucket cleaning does not trim user ids again), and every
+distinct trimmed id is normalized and pseudonymized once
 (:meth:`shopml.security.Pseudonymizer.pseudonymize_many`; later batches of every
 thread find it in the bounded :class:`_PseudonymCache` the threads share), and each
 row goes to the bucket of its pseudonym (:func:`bucket_of`: a range of its first 32
@@ -176,6 +179,23 @@ class _PseudonymCache:
         self.current.add(new_ids, pseudonyms, buckets)
 
 
+@dataclass(frozen=True)
+class Partition:
+    """What :func:`split_events` made.
+
+    Attributes:
+        paths: the bucket folders, in bucket order.
+        rows: the rows split.
+        padded_user_ids: rows whose user id trimming repaired (leading or trailing
+            whitespace, not blank): the user ids' share of the ``whitespace``
+            repair, which the bucket cleaning does not count again.
+    """
+
+    paths: list[Path]
+    rows: int
+    padded_user_ids: int
+
+
 def partition_events(
     raw_path: Path,
     bucket_dir: Path,
@@ -185,6 +205,21 @@ def partition_events(
     *,
     threads: int = PARTITION_THREADS,
 ) -> list[Path]:
+    """Split raw events into bucket folders; the folders of :func:`split_events`."""
+    return split_events(
+        raw_path, bucket_dir, n_buckets, pseudonymizer, batch_rows, threads=threads
+    ).paths
+
+
+def split_events(
+    raw_path: Path,
+    bucket_dir: Path,
+    n_buckets: int,
+    pseudonymizer: Pseudonymizer,
+    batch_rows: int = BATCH_ROWS,
+    *,
+    threads: int = PARTITION_THREADS,
+) -> Partition:
     """Split raw events into bucket folders by the pseudonym of their user.
 
     The raw file's row groups are shared out, in file order, among up to
@@ -201,8 +236,9 @@ def partition_events(
         threads: most threads to split the file with (one per share of row groups).
 
     Returns:
-        The bucket folders, in bucket order. A bucket holds the raw columns plus the
-        row's position in the raw file and its pseudonym (null for a blank user id).
+        The bucket folders (in bucket order) and the counts. A bucket holds the raw
+        columns plus the row's position in the raw file and its pseudonym (null for
+        a blank user id).
 
     Raises:
         ValueError: ``threads`` is below 1.
@@ -220,9 +256,9 @@ def partition_events(
         cache=_PseudonymCache(pseudonymizer, n_buckets),
         batch_rows=batch_rows,
     )
-    rows = _split_shares(jobs, split)
+    rows, padded = _split_shares(jobs, split)
     logger.debug("partitioned %d events into %d buckets", rows, n_buckets)
-    return paths
+    return Partition(paths, rows, padded)
 
 
 @dataclass(frozen=True)
@@ -262,22 +298,29 @@ def _plan_shares(raw_path: Path, threads: int) -> list[_Share]:
     ]
 
 
-def _split_shares(jobs: list[_Share], split: Callable[[_Share], int]) -> int:
+def _split_shares(
+    jobs: list[_Share], split: Callable[[_Share], tuple[int, int]]
+) -> tuple[int, int]:
     """Split every share, one thread each (this thread for a single share).
 
     Returns:
-        The rows split, over every share.
+        ``(rows, padded user ids)``, over every share.
     """
     if len(jobs) == 1:
         return split(jobs[0])
     with ThreadPoolExecutor(len(jobs), thread_name_prefix="shopml-partition") as pool:
-        return sum(pool.map(split, jobs))
+        counts = list(pool.map(split, jobs))
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 def _partition_share(
     share: _Share, *, paths: list[Path], cache: _PseudonymCache, batch_rows: int
-) -> int:
-    """Split one share of row groups into the buckets; returns its row count."""
+) -> tuple[int, int]:
+    """Split one share of row groups into the buckets.
+
+    Returns:
+        ``(rows, padded user ids)`` of the share.
+    """
     parquet = pq.ParquetFile(share.raw_path)
     full = parquet.schema_arrow.append(pa.field(POSITION_COLUMN, pa.int64()))
     full = full.append(pa.field(PSEUDONYM_COLUMN, pa.string()))
@@ -307,11 +350,12 @@ def _partition_share(
             stack.enter_context(pa.ipc.new_file(str(p / f"{share.way}.arrow"), schema))
             for p in paths
         ]
-        offset = share.first_row
+        offset, padded = share.first_row, 0
         # The next batch is read and decoded in a thread while this one is split.
         for batch in prefetch(batches, 1):
-            table, buckets = _assign_buckets(batch, offset, cache)
+            table, buckets, padded_ids = _assign_buckets(batch, offset, cache)
             offset += batch.num_rows
+            padded += padded_ids
             if n_buckets == 1:
                 writers[0].write_table(table)
                 continue
@@ -326,14 +370,20 @@ def _partition_share(
             for bucket, (start, end) in enumerate(zip(starts, ends, strict=True)):
                 if end > start:
                     writers[bucket].write_table(table.slice(start, end - start))
-    return offset - share.first_row
+    return offset - share.first_row, padded
 
 
-def read_bucket(path: Path) -> pa.Table:
+def read_bucket(path: Path, *, digests: bool = False) -> pa.Table:
     """The rows of one bucket folder from :func:`partition_events`, in raw order.
 
     Columns the bucket files leave out because they hold one value in the whole raw
     file (:func:`constant_columns`) are put back, so the table has every raw column.
+
+    Args:
+        path: the bucket folder.
+        digests: keep the pseudonyms as their 16 digest bytes (``binary(16)``, in
+            the order of the text) rather than make their text
+            (:func:`pseudonym_text`), for a caller that makes it for fewer rows.
     """
     files = sorted(path.glob("*.arrow"), key=lambda file: int(file.stem))
     if not files:
@@ -348,9 +398,15 @@ def read_bucket(path: Path) -> pa.Table:
     constants = json.loads(metadata[_CONSTANTS_KEY])
     rows = stored.num_rows
     columns = []
+    if digests:
+        full = full.set(
+            full.get_field_index(PSEUDONYM_COLUMN),
+            pa.field(PSEUDONYM_COLUMN, DIGEST_TYPE),
+        )
     for field in full:
         if field.name == PSEUDONYM_COLUMN:
-            columns.append(pseudonym_text(stored.column(field.name).combine_chunks()))
+            pseudonyms = stored.column(field.name).combine_chunks()
+            columns.append(pseudonyms if digests else pseudonym_text(pseudonyms))
         elif field.name not in constants:
             columns.append(stored.column(field.name))
         elif constants[field.name] is None:
@@ -511,20 +567,38 @@ def _constant_value(
 
 def _assign_buckets(
     batch: pa.RecordBatch, offset: int, cache: _PseudonymCache
-) -> tuple[pa.Table, np.ndarray]:
-    """The batch with its positions and pseudonyms, and each row's bucket."""
-    encoded = pc.dictionary_encode(strip_blank(batch.column("user_id")))
-    pseudonyms, buckets = cache.lookup(encoded.dictionary)
+) -> tuple[pa.Table, np.ndarray, int]:
+    """The batch with its positions and pseudonyms, each row's bucket, and the rows
+    whose user id trimming repaired (what :func:`shopml.quality.count_padded` counts).
+
+    User ids are trimmed once per distinct raw value, not per row.
+    """
+    raw = pc.dictionary_encode(batch.column("user_id"))
+    values = raw.dictionary
+    raw_codes = np.asarray(
+        pc.fill_null(raw.indices, len(values)).to_numpy(zero_copy_only=False)
+    )
+    ids = strip_blank(values)
+    is_padded = np.asarray(pc.fill_null(pc.not_equal(ids, values), False), dtype=bool)
+    per_value = np.bincount(raw_codes, minlength=len(values) + 1)[: len(values)]
+    # Raw values equal once trimmed (" a" and "a") share one id; blank ones have none.
+    unique = pc.dictionary_encode(ids)
+    n_ids = len(unique.dictionary)
+    to_id = pc.fill_null(unique.indices, n_ids).to_numpy(zero_copy_only=False)
+    id_codes = np.append(np.asarray(to_id, dtype=np.int64), n_ids)[raw_codes]
+    pseudonyms, buckets = cache.lookup(unique.dictionary)
     # Rows with a blank user id go to bucket 0 (they are quarantined there).
-    buckets = np.append(buckets, 0)
-    indices = pc.fill_null(encoded.indices, len(encoded.dictionary))
-    row_buckets = buckets[indices.to_numpy(zero_copy_only=False)]
+    row_buckets = np.append(buckets, 0)[id_codes]
+    is_blank = id_codes == n_ids
+    row_pseudonyms = pseudonyms.take(
+        pa.array(id_codes, mask=is_blank if is_blank.any() else None)
+    )
 
     table = pa.Table.from_batches([batch])
     positions = np.arange(offset, offset + batch.num_rows, dtype=np.int64)
     table = table.append_column(POSITION_COLUMN, pa.array(positions))
-    table = table.append_column(PSEUDONYM_COLUMN, pseudonyms.take(encoded.indices))
-    return table, row_buckets
+    table = table.append_column(PSEUDONYM_COLUMN, row_pseudonyms)
+    return table, row_buckets, int(per_value[is_padded].sum())
 
 
 def read_ipc(path: Path) -> pa.Table:

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv
 import pyarrow.parquet as pq
 import pytest
 
 from components.clean import CleanConfig, CleanResult, clean_tables
 from components.ingest import ingest_sources
 from shopml import clean_partition
-from shopml.clean_events import bucket_of, partition_events, rank_codes, read_bucket
+from shopml.clean_events import (
+    bucket_of,
+    partition_events,
+    rank_codes,
+    read_bucket,
+    split_events,
+)
+from shopml.clean_merge import PartHandoff
 from shopml.quality import (
+    count_padded,
     flag_bot_users,
     flag_duplicates,
     flag_near_duplicates,
@@ -335,3 +345,104 @@ def test_near_duplicates_in_the_curated_order_equal_the_sorted_groups() -> None:
         assert not in_order[~is_ok].any()
         flagged += int(in_order.sum())
     assert flagged > 100
+
+
+def _padded_events_csv(path: Path, rows: int) -> Path:
+    """Events whose user ids and event types are padded, blank or of mixed case."""
+    users = ["u1", " u1", "u2 ", "   ", "u3", "\tu4", "u4"]
+    types = ["view", " View", "CLICK", "  ", "view ", "bogus", "purchase"]
+    lines = ["user_id,item_id,event_type,timestamp,value"]
+    for row in range(rows):
+        user = users[row % len(users)]
+        kind = types[(row // 3) % len(types)]
+        lines.append(f"{user},i{row % 5},{kind},{1704067200 + row * 7},1")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_whitespace_and_event_type_repairs_count_every_cell_once(
+    tmp_path: Path,
+) -> None:
+    events = _padded_events_csv(tmp_path / "events.csv", 3_000)
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text(
+        "item_id,title,category,price\n"
+        + "".join(f"i{i},Item {i},c,1\n" for i in range(5)),
+        encoding="utf-8",
+    )
+    raw = tmp_path / "raw"
+    ingest_sources(
+        "files", raw, events_path=str(events), catalog_path=str(catalog)
+    )  # fmt: skip
+    table = pq.read_table(raw / "events.parquet")
+    one = clean_into(raw, tmp_path / "one", scheduler="sync", partition_threads=1)
+    many = clean_into(raw, tmp_path / "many", rows_per_bucket=500)
+
+    assert one.tables["events"] == many.tables["events"]
+    repairs = one.tables["events"].repairs
+    # The partition pass counts padded user ids, the buckets the other columns.
+    assert repairs["whitespace"] == count_padded(table)
+    types = table.column("event_type").to_pylist()
+    fixed = sum(t in (" View", "CLICK", "view ") for t in types)
+    assert repairs["event_type"] == fixed
+    reasons = one.tables["events"].reasons
+    assert reasons["null_user_id"] == sum(u.strip() == "" for u in users_of(table))
+    for kind in ("events",):
+        first = (tmp_path / "one" / "curated" / f"{kind}.parquet").read_bytes()
+        second = (tmp_path / "many" / "curated" / f"{kind}.parquet").read_bytes()
+        assert first == second
+
+
+def users_of(table: pa.Table) -> list[str]:
+    return [u or "" for u in table.column("user_id").to_pylist()]
+
+
+def test_split_events_counts_padded_user_ids(tmp_path: Path) -> None:
+    events = _padded_events_csv(tmp_path / "events.csv", 700)
+    raw = tmp_path / "raw.parquet"
+    pq.write_table(
+        pa.csv.read_csv(events)
+        .select(["user_id"])
+        .append_column("event_type", pa.array(["view"] * 700)),
+        raw,
+        row_group_size=100,
+    )
+    split = split_events(raw, tmp_path / "b", 3, PSEUDO, batch_rows=64, threads=2)
+
+    ids = pq.read_table(raw).column("user_id").to_pylist()
+    assert split.rows == 700
+    assert split.padded_user_ids == sum(u != u.strip() and u.strip() != "" for u in ids)
+    buckets = pa.concat_tables([read_bucket(path) for path in split.paths])
+    pseudonyms = dict(
+        zip(
+            buckets.column("user_id").to_pylist(),
+            buckets.column("_pseudonym").to_pylist(),
+            strict=True,
+        )
+    )
+    # " u1" and "u1" share a pseudonym; a blank id has none.
+    assert pseudonyms[" u1"] == pseudonyms["u1"] == PSEUDO.pseudonymize("u1")
+    assert pseudonyms["   "] is None
+
+
+def test_part_handoff_holds_a_bounded_number_of_buckets() -> None:
+    handoff = PartHandoff(limit=1, wait_s=5.0)
+    part = (pa.table({"x": [1]}),)
+    handoff.put(1, part)  # room for one bucket ahead of the merge
+    waited = threading.Event()
+
+    def put_late() -> None:
+        handoff.put(2, part)  # must wait: bucket 1 is held and 2 is not next
+        waited.set()
+
+    late = threading.Thread(target=put_late)
+    late.start()
+    assert not waited.wait(0.3)
+    handoff.put(0, part)  # the bucket the merge needs next never waits
+    assert handoff.take(0) == part
+    assert handoff.take(1) == part
+    assert waited.wait(5.0)
+    late.join()
+    assert handoff.take(2) == part
+    with pytest.raises(KeyError, match="bucket 3"):
+        handoff.take(3)
