@@ -1,10 +1,11 @@
 """Checkpoints of the training loop: saved every epoch, resumed after a kill.
 
-``Checkpointer`` writes a state under one key of an object store. ``_state`` is
-everything the loop needs to continue (weights, optimiser, schedule, random generators,
-best weights, history); ``_resume`` restores it when its ``_fingerprint`` (both
-configs, the data size and the world size) matches the run, so a resumed run ends with
-the same weights as an uninterrupted one. Used by ``shopml.train_loop``.
+``Checkpointer`` writes a state under one key of an object store.
+``checkpoint_state`` is everything the loop needs to continue (weights, optimiser,
+schedule, random generators, best weights, history); ``restore_checkpoint`` restores
+it when its ``_fingerprint`` (both configs, the data size and the world size) matches
+the run, so a resumed run ends with the same weights as an uninterrupted one. Used by
+``shopml.train_loop``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from shopml.storage import ObjectStore, check_key
-from shopml.train_state import EpochRecord, _BestState, _Loop
+from shopml.train_state import BestState, EpochRecord, TrainingLoop
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class Checkpointer:
             self.store.delete(self.key)
 
 
-def _fingerprint(loop: _Loop) -> dict[str, Any]:
+def _fingerprint(loop: TrainingLoop) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: both configs and the data size."""
     train = asdict(loop.config)
     train.pop("show_progress")
@@ -72,7 +73,7 @@ def _fingerprint(loop: _Loop) -> dict[str, Any]:
     }
 
 
-def _state(loop: _Loop) -> dict[str, Any]:
+def checkpoint_state(loop: TrainingLoop) -> dict[str, Any]:
     """Everything needed to continue after ``loop.epoch``, on the CPU."""
     return {
         "fingerprint": _fingerprint(loop),
@@ -89,7 +90,7 @@ def _state(loop: _Loop) -> dict[str, Any]:
     }
 
 
-def _resume(loop: _Loop, checkpointer: Checkpointer) -> bool:
+def restore_checkpoint(loop: TrainingLoop, checkpointer: Checkpointer) -> bool:
     """Restore the loop from the checkpoint; False when there is none to resume."""
     state = checkpointer.load()
     if state is None:
@@ -107,7 +108,7 @@ def _resume(loop: _Loop, checkpointer: Checkpointer) -> bool:
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    loop.best = _BestState.from_state(state["best"])
+    loop.best = BestState.from_state(state["best"])
     loop.history = [EpochRecord(**record) for record in state["history"]]
     loop.epoch, loop.steps = state["epoch"], state["steps"]
     logger.info("resumed from checkpoint key=%s epoch=%d", checkpointer.key, loop.epoch)

@@ -3,7 +3,7 @@
 ``resolve_device`` turns the configured device name into a ``torch.device``. Under
 ``torchrun`` (``WORLD_SIZE`` > 1) ``init_distributed`` joins the process group and
 returns this process's ``DistContext``; only rank 0 logs, checkpoints and writes
-(``is_main_process``). ``_LossModule`` puts SASRec's loss behind ``forward`` so
+(``is_main_process``). ``LossModule`` puts SASRec's loss behind ``forward`` so
 DistributedDataParallel can wrap it. Used by the loop in ``shopml.train_loop``.
 """
 
@@ -102,7 +102,7 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-class _LossModule(nn.Module):
+class LossModule(nn.Module):
     """Routes the loss through ``forward`` so DistributedDataParallel can wrap it."""
 
     def __init__(self, model: SASRec) -> None:

@@ -24,7 +24,7 @@ from feature_repo import (
 from shopml.online_features import (
     FeatureStoreUnavailable,
     OnlineFeatureClient,
-    _unavailable_errors,
+    unavailable_errors,
 )
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def push_events(
 
     try:
         store.push(USER_RECENT_ITEMS_PUSH, frame, to=PushMode.ONLINE)
-    except _unavailable_errors() as err:
+    except unavailable_errors() as err:
         raise FeatureStoreUnavailable(
             f"cannot push {len(frame)} sequence(s) to {USER_RECENT_ITEMS_PUSH}: {err}"
         ) from err

@@ -55,7 +55,7 @@ class FeatureStoreUnavailable(Exception):  # noqa: N818 - name fixed by the serv
     """
 
 
-def _unavailable_errors() -> tuple[type[BaseException], ...]:
+def unavailable_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the online store cannot serve, whatever its backend."""
     from feast.errors import FeastObjectNotFoundException
     from redis.exceptions import ConnectionError as RedisConnectionError
@@ -373,7 +373,7 @@ class OnlineFeatureClient:
                 entity_rows=[{USER_JOIN_KEY: user_id} for user_id in user_ids],
             )
             return dict(response.to_dict())
-        except _unavailable_errors() as err:
+        except unavailable_errors() as err:
             raise FeatureStoreUnavailable(
                 f"online store cannot serve {features[0].split(':')[0]} for "
                 f"{len(user_ids)} user(s): {type(err).__name__}: {err}"
@@ -418,7 +418,7 @@ def read_online_features(
             features=store.get_feature_service(service), entity_rows=entity_rows
         )
         return dict(response.to_dict())
-    except _unavailable_errors() as err:
+    except unavailable_errors() as err:
         raise FeatureStoreUnavailable(
             f"online store cannot serve {service} for {len(entity_rows)} row(s): "
             f"{type(err).__name__}: {err}"

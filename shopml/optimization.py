@@ -1,9 +1,9 @@
 """How the training loop optimises: AdamW groups, the LR schedule, mixed precision.
 
-``_optimizer`` decays the linear weights and the embedding tables as ``TrainConfig``
-says and nothing else; ``_lr_lambda`` is the linear warm-up + cosine decay of the
-learning rate; ``_Precision`` runs the forward pass under autocast on CUDA (bf16, else
-fp16 with a gradient scaler) and does nothing on the CPU. Used by
+``build_optimizer`` decays the linear weights and the embedding tables as
+``TrainConfig`` says and nothing else; ``lr_lambda`` is the linear warm-up + cosine
+decay of the learning rate; ``Precision`` runs the forward pass under autocast on CUDA
+(bf16, else fp16 with a gradient scaler) and does nothing on the CPU. Used by
 ``shopml.train_loop``.
 """
 
@@ -19,7 +19,7 @@ from shopml.models.sasrec import SASRec
 from shopml.train_state import TrainConfig
 
 
-def _lr_lambda(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+def lr_lambda(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
     """Linear warm-up to 1 over the first steps, then a cosine down to 0."""
     warmup = max(1, int(total_steps * warmup_ratio))
 
@@ -32,7 +32,7 @@ def _lr_lambda(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
     return factor
 
 
-def _optimizer(model: SASRec, config: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: SASRec, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW: linear weights and embedding tables decayed as configured, no others."""
     params = list(model.named_parameters())
     embeddings = [p for n, p in params if "embedding" in n]
@@ -46,7 +46,7 @@ def _optimizer(model: SASRec, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
-class _Precision:
+class Precision:
     """Autocast and gradient scaling for one device: a no-op on the CPU."""
 
     def __init__(self, device: torch.device) -> None:

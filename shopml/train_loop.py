@@ -36,25 +36,25 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from shopml.checkpoints import Checkpointer, _resume, _state
+from shopml.checkpoints import Checkpointer, checkpoint_state, restore_checkpoint
 from shopml.config import load_settings
 from shopml.distributed import (
     DistContext,
-    _LossModule,
+    LossModule,
     init_distributed,
     resolve_device,
 )
 from shopml.evaluation import evaluate_scorer
 from shopml.models.sasrec import SASRec, SASRecConfig, left_pad
-from shopml.optimization import _lr_lambda, _optimizer, _Precision
+from shopml.optimization import Precision, build_optimizer, lr_lambda
 from shopml.sequences import LeaveOneOutSplit
 from shopml.train_state import (
     SELECTION_METRIC,
     EpochCallback,
     EpochRecord,
     TrainConfig,
+    TrainingLoop,
     TrainResult,
-    _Loop,
 )
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def _batches(n_windows: int, config: TrainConfig) -> int:
 
 
 def _train_epoch(
-    loop: _Loop, windows: tuple[Tensor, Tensor], precision: _Precision
+    loop: TrainingLoop, windows: tuple[Tensor, Tensor], precision: Precision
 ) -> float:
     """One pass over shuffled windows; returns this rank's mean training loss.
 
@@ -206,7 +206,9 @@ def train_sasrec(
     loop = _make_loop(model, split, config, rng, context, windows[0].size(0))
     _log_start(loop, windows[0].size(0))
     if checkpointer is not None:
-        _resume(loop, checkpointer)  # later epochs redraw windows from restored rng
+        restore_checkpoint(
+            loop, checkpointer
+        )  # later epochs redraw windows from restored rng
 
     started = time.monotonic()
     _fit(loop, windows, checkpointer, on_epoch_end)
@@ -220,25 +222,27 @@ def _make_loop(
     rng: np.random.Generator,
     context: DistContext,
     n_windows: int,
-) -> _Loop:
+) -> TrainingLoop:
     """Optimiser, schedule and (under torchrun) the DDP wrapper around the loss."""
-    optimizer = _optimizer(model, config)
+    optimizer = build_optimizer(model, config)
     total_steps = _batches(n_windows, config) * (
         config.schedule_epochs or config.epochs
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(total_steps, config.warmup_ratio)
+        optimizer, lr_lambda(total_steps, config.warmup_ratio)
     )
-    runner: nn.Module = _LossModule(model)
+    runner: nn.Module = LossModule(model)
     if context.is_distributed:
         device_ids = (
             [context.local_rank] if model.item_embedding.weight.is_cuda else None
         )
         runner = nn.parallel.DistributedDataParallel(runner, device_ids=device_ids)
-    return _Loop(model, split, optimizer, scheduler, config, rng, context, runner)
+    return TrainingLoop(
+        model, split, optimizer, scheduler, config, rng, context, runner
+    )
 
 
-def _log_start(loop: _Loop, n_windows: int) -> None:
+def _log_start(loop: TrainingLoop, n_windows: int) -> None:
     logger.info(
         "training start device=%s windows=%d items=%d params=%d world_size=%d",
         next(loop.model.parameters()).device,
@@ -250,7 +254,7 @@ def _log_start(loop: _Loop, n_windows: int) -> None:
 
 
 def _fit(
-    loop: _Loop,
+    loop: TrainingLoop,
     windows: tuple[Tensor, Tensor],
     checkpointer: Checkpointer | None,
     on_epoch_end: EpochCallback | None,
@@ -258,7 +262,7 @@ def _fit(
     """The epoch loop: train, evaluate, log, checkpoint, keep the best, stop early."""
     config = loop.config
     device = next(loop.model.parameters()).device
-    precision = _Precision(device)
+    precision = Precision(device)
     show = _show(config) and loop.context.is_main
     bar = tqdm(
         range(loop.epoch + 1, config.epochs + 1),
@@ -292,13 +296,13 @@ def _fit(
         if loop.context.is_main:
             _log_epoch(record, bar)
             if checkpointer is not None:
-                checkpointer.save(_state(loop))
+                checkpointer.save(checkpoint_state(loop))
         if on_epoch_end is not None:
             on_epoch_end(record)
     bar.close()
 
 
-def _should_stop(loop: _Loop) -> bool:
+def _should_stop(loop: TrainingLoop) -> bool:
     """Early stopping: ``patience`` stale evaluations once ``min_steps`` are done."""
     stop = (
         loop.best.stale_evaluations >= loop.config.patience
@@ -329,7 +333,7 @@ def _log_epoch(record: EpochRecord, bar: tqdm) -> None:
     bar.set_postfix(loss=f"{record.loss:.4f}", ndcg_10=f"{ndcg:.4f}")
 
 
-def _finish(loop: _Loop, started: float, device: torch.device) -> TrainResult:
+def _finish(loop: TrainingLoop, started: float, device: torch.device) -> TrainResult:
     """Restore the best weights on the CPU and summarise the run."""
     model, best = loop.model.cpu(), loop.best
     if not loop.config.validate:  # the last weights: the epoch count was chosen

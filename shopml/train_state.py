@@ -2,8 +2,8 @@
 
 ``TrainConfig`` holds the optimisation settings (the architecture is
 ``SASRecConfig``); ``EpochRecord`` and ``TrainResult`` are what a run reports.
-``_BestState`` and ``_Loop`` are the state the loop (``shopml.train_loop``) carries
-from one epoch to the next, which ``shopml.checkpoints`` saves and restores.
+``BestState`` and ``TrainingLoop`` are the state the loop (``shopml.train_loop``)
+carries from one epoch to the next, which ``shopml.checkpoints`` saves and restores.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class TrainResult:
     history: list[EpochRecord] = field(default_factory=list)
 
 
-class _BestState:
+class BestState:
     """The best validation NDCG@10 so far, its epoch and a CPU copy of its weights."""
 
     def __init__(self) -> None:
@@ -159,7 +159,7 @@ class _BestState:
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> _BestState:
+    def from_state(cls, state: dict[str, Any]) -> BestState:
         """Rebuild from :meth:`to_state` output."""
         best = cls()
         best.epoch, best.valid = state["epoch"], dict(state["valid"])
@@ -168,7 +168,7 @@ class _BestState:
 
 
 @dataclass
-class _Loop:
+class TrainingLoop:
     """Everything the epoch loop carries from one epoch to the next."""
 
     model: SASRec
@@ -179,7 +179,7 @@ class _Loop:
     rng: np.random.Generator
     context: DistContext
     runner: nn.Module
-    best: _BestState = field(default_factory=_BestState)
+    best: BestState = field(default_factory=BestState)
     history: list[EpochRecord] = field(default_factory=list)
     steps: int = 0
     epoch: int = 0

@@ -24,7 +24,7 @@ from shopml.evaluation import evaluate_scorer
 from shopml.final_fit import final_fit, final_fit_split, refit_sasrec
 from shopml.models.baselines import PopularityRecommender
 from shopml.models.sasrec import SASRec, SASRecConfig
-from shopml.optimization import _lr_lambda, _optimizer
+from shopml.optimization import build_optimizer, lr_lambda
 from shopml.sequences import LeaveOneOutSplit, split_events
 from shopml.storage import LocalStore
 from shopml.train_loop import _make_loop, train_sasrec, training_windows
@@ -98,7 +98,7 @@ def test_windows_put_each_target_one_step_after_its_input() -> None:
 
 
 def test_learning_rate_warms_up_then_decays_to_zero() -> None:
-    factor = _lr_lambda(total_steps=100, warmup_ratio=0.1)
+    factor = lr_lambda(total_steps=100, warmup_ratio=0.1)
 
     assert factor(0) == pytest.approx(0.1)
     assert factor(9) == pytest.approx(1.0)
@@ -130,7 +130,7 @@ def test_embedding_tables_get_their_own_weight_decay(split: LeaveOneOutSplit) ->
     train_config.embedding_weight_decay = 0.05
     model = SASRec(model_config)
 
-    optimizer = _optimizer(model, train_config)
+    optimizer = build_optimizer(model, train_config)
 
     decay = {
         id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]
