@@ -130,6 +130,8 @@ if resume:  # go on from the last best epoch's checkpoint; later epochs are re-r
     trainer.resume_checkpoint(resume)
     rows = [json.loads(line) for line in open(out + ".progress.jsonl") if line.strip()]
     kept = [row for row in rows if row["epoch"] < trainer.start_epoch]
+    if not kept:
+        sys.exit(f"no epoch before {trainer.start_epoch} in {out}.progress.jsonl")
     last = kept[-1]
     if (last["epoch"] != trainer.start_epoch - 1
             or abs(last["valid_ndcg_10"] - trainer.best_valid_score) > 1e-6):
