@@ -72,6 +72,9 @@ class TrainParams:
             in a training step (teaches the model to rank from text alone).
         checkpoint_key: object-store key of the per-epoch checkpoint; a run with the
             same key and configuration resumes from it. Empty: no checkpoints.
+        ema_decay: validate and keep a moving average of the weights with this
+            per-step decay (0.995 on sparse data such as Amazon 5-core); 0 keeps the
+            weights themselves.
     """
 
     epochs: int = 200
@@ -93,6 +96,7 @@ class TrainParams:
     text_tower: bool = False
     id_dropout: float = 0.0
     checkpoint_key: str = ""
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -192,6 +196,7 @@ def _configs(params: TrainParams, n_items: int) -> tuple[SASRecConfig, TrainConf
         seed=params.seed,
         device=params.device,
         show_progress=params.show_progress,
+        ema_decay=params.ema_decay,
     )
     return model_config, train_config
 
@@ -299,6 +304,7 @@ def train(
     device: str = "auto",
     seed: int = 42,
     source: str = "events",
+    ema_decay: float = 0.0,
 ) -> None:
     """Train the SASRec recommender and write the model artifact folder.
 
@@ -316,6 +322,8 @@ def train(
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         seed: random seed.
         source: training histories from ``events`` or ``feast`` (point-in-time).
+        ema_decay: keep a moving average of the weights (per-step decay, e.g.
+            0.995); 0 keeps the weights themselves.
     """
     import os
     from pathlib import Path
@@ -334,6 +342,7 @@ def train(
         device=device,
         seed=seed,
         source=source,
+        ema_decay=ema_decay,
     )
     os.makedirs(model.path, exist_ok=True)
     summary = train_model(Path(curated.path), Path(model.path), params)
@@ -363,6 +372,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--text-tower", action="store_true")
+    parser.add_argument(
+        "--ema-decay",
+        type=float,
+        default=defaults.ema_decay,
+        help="per-step decay of a moving average of the weights; 0: none",
+    )
     parser.add_argument(
         "--checkpoint-key", default="", help="object-store key; resumes after a kill"
     )
@@ -395,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         device=args.device,
         seed=args.seed,
         text_tower=args.text_tower,
+        ema_decay=args.ema_decay,
         checkpoint_key=args.checkpoint_key,
         show_progress=False,
     )

@@ -85,6 +85,9 @@ def checkpoint_state(loop: TrainingLoop) -> dict[str, Any]:
         "numpy_rng": loop.rng.bit_generator.state,
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "ema": None
+        if loop.ema is None
+        else {k: v.detach().cpu() for k, v in loop.ema.state_dict().items()},
         "best": loop.best.to_state(),
         "history": [asdict(record) for record in loop.history],
     }
@@ -108,6 +111,8 @@ def restore_checkpoint(loop: TrainingLoop, checkpointer: Checkpointer) -> bool:
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if loop.ema is not None:
+        loop.ema.load_state_dict(state["ema"])
     loop.best = BestState.from_state(state["best"])
     loop.history = [EpochRecord(**record) for record in state["history"]]
     loop.epoch, loop.steps = state["epoch"], state["steps"]

@@ -6,7 +6,8 @@ paper. The newest window always ends at the last pair; older windows end at an o
 drawn anew every epoch (overlapping the newest one), so each pair sees varying context.
 The loop evaluates on the validation targets every ``eval_every`` epochs, keeps the best
 weights and stops after ``patience`` evaluations without improvement (once ``min_steps``
-steps are done). CPU runs are seeded and deterministic; on CUDA the forward pass runs
+steps are done); with ``ema_decay`` it evaluates and keeps a moving average of the
+weights instead. CPU runs are seeded and deterministic; on CUDA the forward pass runs
 under autocast (bf16, else fp16 with a gradient scaler, ``shopml.optimization``).
 
 With a :class:`~shopml.checkpoints.Checkpointer` the loop saves everything it needs to
@@ -34,6 +35,7 @@ import time
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from shopml.checkpoints import Checkpointer, checkpoint_state, restore_checkpoint
@@ -135,6 +137,8 @@ def _train_epoch(
         else:
             loop.optimizer.step()
         loop.scheduler.step()
+        if loop.ema is not None:
+            loop.ema.update_parameters(loop.model)
 
         total += float(loss.detach())
         n_batches += 1
@@ -237,8 +241,11 @@ def _make_loop(
             [context.local_rank] if model.item_embedding.weight.is_cuda else None
         )
         runner = nn.parallel.DistributedDataParallel(runner, device_ids=device_ids)
+    ema = None
+    if config.ema_decay > 0:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
     return TrainingLoop(
-        model, split, optimizer, scheduler, config, rng, context, runner
+        model, split, optimizer, scheduler, config, rng, context, runner, ema
     )
 
 
@@ -288,8 +295,8 @@ def _fit(
         if config.validate and (
             epoch % config.eval_every == 0 or epoch == config.epochs
         ):
-            valid = _evaluate_valid(loop.model, loop.split, device)
-            loop.best.update(epoch, valid, loop.model)
+            valid = _evaluate_valid(loop.scored_model, loop.split, device)
+            loop.best.update(epoch, valid, loop.scored_model)
         record = EpochRecord(epoch, loss, valid, time.monotonic() - epoch_start)
         loop.history.append(record)
         loop.epoch = epoch
@@ -338,6 +345,8 @@ def _finish(loop: TrainingLoop, started: float, device: torch.device) -> TrainRe
     model, best = loop.model.cpu(), loop.best
     if not loop.config.validate:  # the last weights: the epoch count was chosen
         best.epoch = loop.epoch
+        if loop.ema is not None:
+            model.load_state_dict(loop.ema.module.state_dict())
     elif best.state is not None:
         model.load_state_dict(best.state)
     model.eval()

@@ -24,10 +24,10 @@ from shopml.evaluation import evaluate_scorer
 from shopml.final_fit import final_fit, final_fit_split, refit_sasrec
 from shopml.models.baselines import PopularityRecommender
 from shopml.models.sasrec import SASRec, SASRecConfig
-from shopml.optimization import build_optimizer, lr_lambda
+from shopml.optimization import Precision, build_optimizer, lr_lambda
 from shopml.sequences import LeaveOneOutSplit, split_events
 from shopml.storage import LocalStore
-from shopml.train_loop import _make_loop, train_sasrec, training_windows
+from shopml.train_loop import _make_loop, _train_epoch, train_sasrec, training_windows
 from shopml.train_state import TrainConfig
 
 N_USERS = 30
@@ -269,6 +269,69 @@ def test_final_fit_refits_for_the_selected_epoch_count(
         )
 
 
+def test_the_moving_average_follows_every_step_with_its_decay(
+    split: LeaveOneOutSplit,
+) -> None:
+    model_config, train_config = tiny_configs(split)
+    train_config.ema_decay = 0.8
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    windows = training_windows(split.train_seqs, model_config.max_seq_len, rng)
+    loop = _make_loop(
+        SASRec(model_config), split, train_config, rng, DistContext(), len(windows[0])
+    )
+    after_each_step: list[dict[str, torch.Tensor]] = []
+    loop.optimizer.register_step_post_hook(
+        lambda *_: after_each_step.append(
+            {k: v.detach().clone() for k, v in loop.model.named_parameters()}
+        )
+    )
+
+    _train_epoch(loop, windows, Precision(torch.device("cpu")))
+
+    assert len(after_each_step) > 2
+    expected = dict(after_each_step[0])  # the first step's weights, then the average
+    for weights in after_each_step[1:]:
+        expected = {k: 0.8 * expected[k] + 0.2 * weights[k] for k in expected}
+    for name, value in loop.scored_model.named_parameters():
+        torch.testing.assert_close(value, expected[name])
+        assert not torch.equal(value, dict(loop.model.named_parameters())[name])
+
+
+def test_the_moving_average_is_validated_kept_and_leaves_training_alone(
+    split: LeaveOneOutSplit,
+) -> None:
+    model_config, train_config = tiny_configs(split, epochs=3)
+    train_config.lr = 5e-4  # slow enough that no epoch ranks every target first
+    plain = train_sasrec(split, model_config, train_config)
+    averaged = train_sasrec(split, model_config, replace(train_config, ema_decay=0.9))
+
+    assert [r.loss for r in averaged.history] == [r.loss for r in plain.history]
+    assert [r.valid for r in averaged.history] != [r.valid for r in plain.history]
+    kept = evaluate_scorer(
+        averaged.model.full_sort_scores, split, stage="valid", max_seq_len=10
+    )
+    assert kept == pytest.approx(averaged.best_valid)
+    best = max(r.valid["ndcg_10"] for r in averaged.history if r.valid is not None)
+    assert averaged.best_valid["ndcg_10"] == best
+    blind = train_sasrec(
+        split,
+        model_config,
+        replace(train_config, epochs=3, ema_decay=0.9, validate=False),
+    )
+    raw = train_sasrec(
+        split, model_config, replace(train_config, epochs=3, validate=False)
+    )
+    for name, value in raw.model.state_dict().items():
+        if value.is_floating_point() and "embedding" in name:
+            assert not torch.equal(blind.model.state_dict()[name], value), name
+
+
+def test_a_moving_average_decay_of_one_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"ema_decay=1.0 must be in \[0, 1\)"):
+        TrainConfig(ema_decay=1.0)
+
+
 def test_a_config_for_another_vocabulary_is_rejected(split: LeaveOneOutSplit) -> None:
     model_config, train_config = tiny_configs(split)
     model_config.n_items = split.n_items + 1
@@ -333,6 +396,7 @@ def test_train_component_declares_its_interface() -> None:
         "loss",
         "device",
         "seed",
+        "ema_decay",
     }
     assert set(spec.outputs) == {"model", "metrics"}
 
@@ -354,17 +418,20 @@ def kill_after_two(record):
     if record.epoch == 2:
         os.kill(os.getpid(), signal.SIGKILL)  # a real kill, no cleanup runs
 
-train_sasrec(split, *tiny_configs(split, epochs=5), checkpointer=checkpointer,
+model_config, train_config = tiny_configs(split, epochs=5)
+train_config.ema_decay = float(sys.argv[2])
+train_sasrec(split, model_config, train_config, checkpointer=checkpointer,
              on_epoch_end=kill_after_two)
 """
 
 
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9], ids=["weights", "moving-average"])
 def test_resume_after_a_kill_reproduces_the_uninterrupted_weights(
-    split: LeaveOneOutSplit, tmp_path: Path
+    split: LeaveOneOutSplit, tmp_path: Path, ema_decay: float
 ) -> None:
     store_root = tmp_path / "store"
     killed = subprocess.run(
-        [sys.executable, "-c", KILLED_RUN, str(store_root)],
+        [sys.executable, "-c", KILLED_RUN, str(store_root), str(ema_decay)],
         cwd=Path(__file__).parents[2],
         capture_output=True,
         timeout=120,
@@ -375,10 +442,10 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_weights(
     state = checkpointer.load()
     assert state is not None and state["epoch"] == 2
 
-    resumed = train_sasrec(
-        split, *tiny_configs(split, epochs=5), checkpointer=checkpointer
-    )
-    uninterrupted = train_sasrec(split, *tiny_configs(split, epochs=5))
+    model_config, train_config = tiny_configs(split, epochs=5)
+    train_config.ema_decay = ema_decay
+    resumed = train_sasrec(split, model_config, train_config, checkpointer=checkpointer)
+    uninterrupted = train_sasrec(split, model_config, train_config)
 
     assert [r.epoch for r in resumed.history] == [1, 2, 3, 4, 5]
     assert [r.loss for r in resumed.history] == [r.loss for r in uninterrupted.history]
