@@ -209,10 +209,8 @@ def train_sasrec(
         raise ValueError("no user has 2 or more training items: nothing to learn from")
     loop = _make_loop(model, split, config, rng, context, windows[0].size(0))
     _log_start(loop, windows[0].size(0))
-    if checkpointer is not None:
-        restore_checkpoint(
-            loop, checkpointer
-        )  # later epochs redraw windows from restored rng
+    if checkpointer is not None:  # later epochs redraw windows from the restored rng
+        restore_checkpoint(loop, checkpointer)
 
     started = time.monotonic()
     _fit(loop, windows, checkpointer, on_epoch_end)
