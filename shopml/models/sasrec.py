@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (PyTorch convention)
 from torch import Tensor, nn
 
+from shopml.models.cooccurrence import cooccurrence_neighbors
+
 LOSSES = ("ce", "sampled", "bce")
 
 
@@ -80,6 +82,16 @@ class SASRecConfig:
             item's training count added, so the learnt scores rank with that much
             of the training-period popularity taken out (0.5 discounts it like
             ItemKNN's cosine does).
+        cooccurrence_mix: graph smoothing of the item table: each item's
+            representation becomes ``1 - mix`` of its own plus ``mix`` of the
+            weighted mean of its ``cooccurrence_neighbors`` most co-occurring items
+            in the training histories (:mod:`shopml.models.cooccurrence`), one hop
+            of a graph convolution as in LightGCN (He et al., SIGIR 2020). An item
+            seen by few users borrows the representation of the items bought with
+            it from the first step, instead of waiting for its own id to be learnt.
+            The graph is fixed before training; gradients reach every item through
+            its neighbours. 0 (default) turns it off.
+        cooccurrence_neighbors: links kept per item for ``cooccurrence_mix``.
     """
 
     n_items: int
@@ -98,34 +110,37 @@ class SASRecConfig:
     item_mask_prob: float = 0.0
     reverse_prob: float = 0.0
     popularity_adjust: float = 0.0
+    cooccurrence_mix: float = 0.0
+    cooccurrence_neighbors: int = 20
 
     def __post_init__(self) -> None:
-        if self.n_items < 1:
-            raise ValueError(f"n_items={self.n_items} must be at least 1")
-        if self.max_seq_len < 1:
-            raise ValueError(f"max_seq_len={self.max_seq_len} must be at least 1")
+        for name in (
+            "n_items",
+            "max_seq_len",
+            "n_layers",
+            "n_negatives",
+            "cooccurrence_neighbors",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.hidden_size < 1 or self.n_heads < 1 or self.hidden_size % self.n_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} must be a positive multiple of "
                 f"n_heads={self.n_heads}"
             )
-        if self.n_layers < 1:
-            raise ValueError(f"n_layers={self.n_layers} must be at least 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.loss not in LOSSES:
             raise ValueError(
                 f"loss={self.loss!r} is not supported; use one of {LOSSES}"
             )
-        if self.n_negatives < 1:
-            raise ValueError(f"n_negatives={self.n_negatives} must be at least 1")
         if self.text_dim < 0:
             raise ValueError(f"text_dim={self.text_dim} must be 0 (no text) or more")
         for name in (
+            "dropout",
             "id_dropout",
             "label_smoothing",
             "item_mask_prob",
             "reverse_prob",
+            "cooccurrence_mix",
         ):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
@@ -278,6 +293,8 @@ class SASRec(nn.Module):
     item_text: Tensor  # buffer [N, text_dim], registered only with a text tower
     item_seen: Tensor  # buffer bool [N], registered only with a text tower
     log_count: Tensor  # buffer [N], registered only with popularity_adjust
+    neighbor_index: Tensor  # buffer long [N, k], registered only with cooccurrence_mix
+    neighbor_weight: Tensor  # buffer [N, k], registered only with cooccurrence_mix
 
     def __init__(self, config: SASRecConfig, item_text: Tensor | None = None) -> None:
         super().__init__()
@@ -299,6 +316,15 @@ class SASRec(nn.Module):
             self.register_buffer("item_seen", seen)
         if config.popularity_adjust > 0:
             self.register_buffer("log_count", torch.zeros(config.n_items + 1))
+        if config.cooccurrence_mix > 0:
+            # Until set_seen_items links items, every item is its own neighbour.
+            shape = (config.n_items + 1, config.cooccurrence_neighbors)
+            index = torch.zeros(shape, dtype=torch.long)
+            index[:, 0] = torch.arange(config.n_items + 1)
+            weight = torch.zeros(shape)
+            weight[1:, 0] = 1.0
+            self.register_buffer("neighbor_index", index)
+            self.register_buffer("neighbor_weight", weight)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -318,8 +344,15 @@ class SASRec(nn.Module):
         Text tower: an unseen item keeps no id embedding (its id was never trained:
         it scores by its text alone) and is left out of the full-softmax loss, which
         would otherwise teach the model that it is never the next item. With
-        ``popularity_adjust`` the counts feed the logit adjustment.
+        ``popularity_adjust`` the counts feed the logit adjustment; with
+        ``cooccurrence_mix`` the histories link co-occurring items.
         """
+        if self.config.cooccurrence_mix > 0:
+            index, weight = cooccurrence_neighbors(
+                item_seqs, self.config.n_items, self.config.cooccurrence_neighbors
+            )
+            self.neighbor_index.copy_(index)
+            self.neighbor_weight.copy_(weight)
         if self.config.popularity_adjust > 0:
             counts = torch.zeros(self.config.n_items + 1)
             for seq in item_seqs:
@@ -341,7 +374,8 @@ class SASRec(nn.Module):
 
         Id-only: the id embeddings. With the text tower: id embedding plus projected
         text; in training, each item's id part is hidden with probability
-        ``id_dropout``. With ``normalize`` every row has unit length.
+        ``id_dropout``. With ``cooccurrence_mix`` every row is then mixed with its
+        neighbours' rows. With ``normalize`` every row has unit length.
         """
         table = self.item_embedding.weight  # [N, H]
         if self.text_proj is not None:
@@ -350,9 +384,18 @@ class SASRec(nn.Module):
                 keep = torch.rand(table.size(0), 1, device=table.device)
                 table = table * (keep >= self.config.id_dropout)
             table = table + self.text_proj(self.item_text)  # [N, H]
+        mix = self.config.cooccurrence_mix
+        if mix > 0:
+            neighbors = F.embedding_bag(
+                self.neighbor_index,
+                table,
+                per_sample_weights=self.neighbor_weight,
+                mode="sum",
+            )  # [N, H]
+            table = (1 - mix) * table + mix * neighbors
         if self.config.normalize:
             table = F.normalize(table, dim=-1)
-        if self.text_proj is None and not self.config.normalize:
+        if self.text_proj is None and not self.config.normalize and mix == 0:
             return table
         return torch.cat([torch.zeros_like(table[:1]), table[1:]])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812 (PyTorch convention)
@@ -130,6 +131,8 @@ def test_too_long_a_sequence_is_rejected() -> None:
         ("item_mask_prob", -0.1, "item_mask_prob=-0.1"),
         ("reverse_prob", 1.0, "reverse_prob=1.0"),
         ("popularity_adjust", -1.0, "popularity_adjust=-1.0"),
+        ("cooccurrence_mix", 1.0, "cooccurrence_mix=1.0 must be in"),
+        ("cooccurrence_neighbors", 0, "cooccurrence_neighbors=0 must be at least 1"),
     ],
     ids=[
         "heads-not-dividing-hidden",
@@ -141,6 +144,8 @@ def test_too_long_a_sequence_is_rejected() -> None:
         "negative-mask",
         "reverse-one",
         "negative-popularity-adjust",
+        "mix-one",
+        "no-neighbours",
     ],
 )
 def test_config_rejects_bad_values(field: str, value: object, message: str) -> None:
@@ -463,3 +468,76 @@ def test_logit_adjustment_adds_log_counts_in_training_only() -> None:
         model.train().calculate_loss(item_seq, pos_items), adjusted
     )
     torch.testing.assert_close(model.eval().calculate_loss(item_seq, pos_items), plain)
+
+
+def graph_model(text: bool = False) -> SASRec:
+    """A tiny model smoothing its items over co-occurrence, linked on two histories."""
+    torch.manual_seed(0)
+    config = SASRecConfig(
+        n_items=N_ITEMS,
+        max_seq_len=MAX_SEQ_LEN,
+        hidden_size=32,
+        dropout=0.0,
+        text_dim=8 if text else 0,
+        cooccurrence_mix=0.25,
+        cooccurrence_neighbors=3,
+    )
+    item_text = torch.randn(N_ITEMS + 1, 8) if text else None
+    model = SASRec(config, item_text=item_text)
+    # Item 1 co-occurs with 2 and 3, item 4 with 5; 6..N never occur.
+    model.set_seen_items([np.array([1, 2, 3]), np.array([1, 2]), np.array([4, 5])])
+    return model
+
+
+def test_cooccurrence_mix_blends_each_item_with_its_neighbours() -> None:
+    model = graph_model().eval()
+    own = model.item_embedding.weight.detach()
+    index, weight = model.neighbor_index, model.neighbor_weight
+
+    table = model.item_table().detach()
+
+    neighbours = (weight[:, :, None] * own[index]).sum(1)  # [N, H]
+    torch.testing.assert_close(table[1:], 0.75 * own[1:] + 0.25 * neighbours[1:])
+    assert set(index[1, :2].tolist()) == {2, 3} and index[4, 0] == 5
+    torch.testing.assert_close(table[6:], own[6:])  # no links: unchanged
+    assert torch.equal(table[0], torch.zeros(32))  # padding stays zero
+
+
+def test_a_target_pulls_its_linked_items_towards_the_user() -> None:
+    model = graph_model().train()  # dropout 0: the forward pass is deterministic
+    item_seq = left_pad([[1]], MAX_SEQ_LEN)
+    pos_items = left_pad([[5]], MAX_SEQ_LEN)
+    user = model(item_seq)[0, -1].detach()  # [H], the state that scores item 5
+
+    model.calculate_loss(item_seq, pos_items).backward()
+
+    grad = model.item_embedding.weight.grad
+    assert grad is not None
+    # A descent step moves -grad: towards the user for the target and for item 4,
+    # linked to 5 only; away from the user for an unlinked item such as 10.
+    assert grad[5] @ user < 0
+    assert grad[4] @ user < 0
+    assert grad[10] @ user > 0
+
+
+def test_a_graph_model_round_trips_and_serves_through_the_item_matrix() -> None:
+    model = graph_model(text=True).eval()
+    restored = SASRec(model.config)  # buffers unlinked until loaded
+    item_seq = random_seqs(3)
+
+    restored.load_state_dict(model.state_dict())
+    served = InferenceModel.from_model(model).full_sort_scores(item_seq)
+
+    expected = model.full_sort_scores(item_seq)
+    assert torch.equal(restored.eval().full_sort_scores(item_seq), expected)
+    torch.testing.assert_close(served, expected)
+    assert torch.isinf(expected[:, 0]).all()
+
+
+def test_unseen_items_keep_their_text_representation_under_the_mix() -> None:
+    model = graph_model(text=True).eval()
+    assert model.text_proj is not None
+
+    table = model.item_table().detach()
+
+    torch.testing.assert_close(table[6:], model.text_proj(model.item_text[6:]).detach())

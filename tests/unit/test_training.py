@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import shopml.training
-from components.train import TrainParams, train, train_model
+from components.train import TrainParams, _parse_args, train, train_model
 from shopml.artifact import load_model_artifact
 from shopml.checkpoints import Checkpointer
 from shopml.distributed import DistContext
@@ -381,6 +381,39 @@ def test_train_model_saves_a_loadable_artifact_with_titles(tmp_path: Path) -> No
     assert artifact.extra["train"]["best_epoch"] == summary.best_epoch
 
 
+def test_a_graph_smoothed_model_keeps_its_item_links_in_the_artifact(
+    tmp_path: Path,
+) -> None:
+    curated = write_curated(tmp_path / "curated")
+    params = TrainParams(
+        epochs=2,
+        max_seq_len=10,
+        hidden_size=32,
+        batch_size=16,
+        device="cpu",
+        seed=3,
+        cooccurrence_mix=0.5,
+    )
+
+    train_model(curated, tmp_path / "model", params)
+
+    model = load_model_artifact(tmp_path / "model").model
+    assert model.config.cooccurrence_mix == 0.5
+    # The cyclic histories link every item to others: no item is its own only link.
+    linked = model.neighbor_index[1:, 0] != torch.arange(1, N_ITEMS + 1)
+    assert bool(linked.all())
+    torch.testing.assert_close(model.neighbor_weight[1:].sum(1), torch.ones(N_ITEMS))
+
+
+def test_the_command_line_passes_the_sparse_data_options() -> None:
+    args = _parse_args(
+        ["--curated-uri", "c", "--model-uri", "m", "--cooccurrence-mix", "0.6"]
+    )
+
+    assert args.cooccurrence_mix == 0.6
+    assert _parse_args(["--curated-uri", "c", "--model-uri", "m"]).cooccurrence_mix == 0
+
+
 def test_train_model_names_a_missing_table(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"events\.parquet"):
         train_model(tmp_path, tmp_path / "model")
@@ -397,6 +430,7 @@ def test_train_component_declares_its_interface() -> None:
         "device",
         "seed",
         "ema_decay",
+        "cooccurrence_mix",
     }
     assert set(spec.outputs) == {"model", "metrics"}
 
