@@ -76,8 +76,11 @@ class TrainParams:
             per-step decay (0.995 on sparse data such as Amazon 5-core); 0 keeps the
             weights themselves.
         cooccurrence_mix: share of each item's representation taken from the items
-            bought with it (graph smoothing over the training co-occurrence graph;
-            0.6 on sparse data such as Amazon 5-core); 0 turns it off.
+            bought with it (graph smoothing over the training co-occurrence graph);
+            0 turns it off. 0.6 lifted validation NDCG@10 on both datasets it was
+            tried on: MovieLens-100K with these defaults 0.1216 -> 0.1312 (0.1246 at
+            0.3, 0.1312 at 0.8, reached 15 epochs later), Amazon Scientific 5-core
+            (128 wide, 3 seeds) 0.0902 -> 0.0926.
     """
 
     epochs: int = 200
@@ -100,7 +103,7 @@ class TrainParams:
     id_dropout: float = 0.0
     checkpoint_key: str = ""
     ema_decay: float = 0.0
-    cooccurrence_mix: float = 0.0
+    cooccurrence_mix: float = 0.6
 
 
 @dataclass
@@ -310,7 +313,7 @@ def train(
     seed: int = 42,
     source: str = "events",
     ema_decay: float = 0.0,
-    cooccurrence_mix: float = 0.0,
+    cooccurrence_mix: float = 0.6,
 ) -> None:
     """Train the SASRec recommender and write the model artifact folder.
 
@@ -331,7 +334,7 @@ def train(
         ema_decay: keep a moving average of the weights (per-step decay, e.g.
             0.995); 0 keeps the weights themselves.
         cooccurrence_mix: share of each item's representation taken from its
-            co-occurring items (e.g. 0.6 on sparse catalogs); 0 turns it off.
+            co-occurring items; 0 turns it off.
     """
     import os
     from pathlib import Path

@@ -405,13 +405,14 @@ def test_a_graph_smoothed_model_keeps_its_item_links_in_the_artifact(
     torch.testing.assert_close(model.neighbor_weight[1:].sum(1), torch.ones(N_ITEMS))
 
 
-def test_the_command_line_passes_the_sparse_data_options() -> None:
-    args = _parse_args(
-        ["--curated-uri", "c", "--model-uri", "m", "--cooccurrence-mix", "0.6"]
-    )
+def test_the_command_line_turns_graph_smoothing_off_or_changes_it() -> None:
+    def mix(*flags: str) -> float:
+        args = _parse_args(["--curated-uri", "c", "--model-uri", "m", *flags])
+        return float(args.cooccurrence_mix)
 
-    assert args.cooccurrence_mix == 0.6
-    assert _parse_args(["--curated-uri", "c", "--model-uri", "m"]).cooccurrence_mix == 0
+    assert mix() == TrainParams().cooccurrence_mix == 0.6
+    assert mix("--cooccurrence-mix", "0") == 0.0
+    assert mix("--cooccurrence-mix", "0.3") == 0.3
 
 
 def test_train_model_names_a_missing_table(tmp_path: Path) -> None:
