@@ -11,7 +11,11 @@ neighbour, so smoothing leaves it as it is.
 
 The table is sparse work throughout: the item-by-item product touches only pairs
 that co-occur, and the top ``k`` of every row are taken by one sort, so it scales with
-the number of co-occurring pairs, not with the square of the catalog.
+the co-occurrences, not with the square of the catalog. Their number is the sum over
+users of their distinct items squared: 0.3 M on Amazon Scientific, 20 M on
+MovieLens-100K, where the table takes about a second. Histories of thousands of
+items per user would want truncating, or a distributed join, first; neither is
+built here.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -307,20 +308,25 @@ def test_unseen_items_score_by_text_alone_and_are_no_negatives() -> None:
     assert grad is not None and grad[11:].abs().sum() == 0.0
 
 
-def cosine_model(text: bool = False) -> SASRec:
-    """A seeded tiny model that scores by scaled cosine similarity."""
+def option_model(text: bool = False, **options: Any) -> SASRec:
+    """A seeded tiny model (no dropout) with the given SASRecConfig options and, with
+    ``text``, an 8-wide text tower over random item texts."""
     torch.manual_seed(0)
     config = SASRecConfig(
         n_items=N_ITEMS,
         max_seq_len=MAX_SEQ_LEN,
         hidden_size=32,
         dropout=0.0,
-        normalize=True,
-        temperature=0.05,
         text_dim=8 if text else 0,
+        **options,
     )
     item_text = torch.randn(N_ITEMS + 1, 8) if text else None
     return SASRec(config, item_text=item_text)
+
+
+def cosine_model(text: bool = False) -> SASRec:
+    """A seeded tiny model that scores by scaled cosine similarity."""
+    return option_model(text, normalize=True, temperature=0.05)
 
 
 @pytest.mark.parametrize("text", [False, True], ids=["id-only", "text"])
@@ -472,18 +478,7 @@ def test_logit_adjustment_adds_log_counts_in_training_only() -> None:
 
 def graph_model(text: bool = False) -> SASRec:
     """A tiny model smoothing its items over co-occurrence, linked on two histories."""
-    torch.manual_seed(0)
-    config = SASRecConfig(
-        n_items=N_ITEMS,
-        max_seq_len=MAX_SEQ_LEN,
-        hidden_size=32,
-        dropout=0.0,
-        text_dim=8 if text else 0,
-        cooccurrence_mix=0.25,
-        cooccurrence_neighbors=3,
-    )
-    item_text = torch.randn(N_ITEMS + 1, 8) if text else None
-    model = SASRec(config, item_text=item_text)
+    model = option_model(text, cooccurrence_mix=0.25, cooccurrence_neighbors=3)
     # Item 1 co-occurs with 2 and 3, item 4 with 5; 6..N never occur.
     model.set_seen_items([np.array([1, 2, 3]), np.array([1, 2]), np.array([4, 5])])
     return model
