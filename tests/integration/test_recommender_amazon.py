@@ -31,11 +31,18 @@ MAX_SEQ_LEN = 20
 # (valid NDCG@10 with text 0.085 at 64, 0.089 at 128). A cosine schedule over 20
 # epochs (warm-up 100 steps) at lr 1e-3 with a little decay on the embedding tables
 # anneals within the run instead of overfitting at a constant rate (valid 0.0895).
-HIDDEN_SIZE = 128
+HIDDEN_SIZE = 256  # 128 until graph smoothing (below): 256 overfitted without it
 EPOCHS = 20
 LR = 1e-3
 EMBEDDING_WEIGHT_DECAY = 0.1
 WARMUP_RATIO = 0.065  # 100 of the 20 x 77 steps
+# Graph smoothing of the item table over the training co-occurrence graph and a moving
+# average of the weights: the two changes that moved valid NDCG@10 past noise (see
+# the end of this comment). Seed 0, the seed of every trial recorded here.
+COOCCURRENCE_MIX = 0.6
+COOCCURRENCE_NEIGHBORS = 20
+EMA_DECAY = 0.995
+SEED = 0
 # Tried on top of these settings (text tower on, one seed, SASRecConfig options that
 # all default to off), valid NDCG@10 (HR@10) -> test NDCG@10 (HR@10); ItemKNN is
 # valid 0.0899 (0.1270) -> test 0.0888 (0.1227); 10-epoch runs: cosine schedule over
@@ -136,6 +143,34 @@ WARMUP_RATIO = 0.065  # 100 of the 20 x 77 steps
 # +2.8 %). Built, it reproduces the trial: train_sasrec with ema_decay 0.995 (128
 # wide, seed 0) early-stops on the average at epoch 17, keeping epoch 12: valid
 # NDCG@10 0.0887 (HR@10 0.1347), as the trial script's average.
+#
+# What closed the gap: graph smoothing of the item table (SASRecConfig.
+# cooccurrence_mix): every item's representation is 1 - mix of its own and mix of
+# the weighted mean of its 20 most co-occurring items in the training histories
+# (ItemKNN's cosine with shrink 10, normalised per item). A rare item scores through
+# the items bought with it from the first epoch instead of waiting for its id.
+# Valid NDCG@10 (HR@10), 128 wide, seed 0, EMA 0.995 (0.0887 without the mix):
+#   mix 0.3  0.0907 (0.1389)     mix 0.6  0.0931 (0.1425)
+#   mix 0.8  0.0911 (0.1413)     mix 0.95 0.0854 (0.1344)
+# (a first trial script; the built option, whose ties between equal links break by
+# item index, gives 0.0925 (0.1418) at 0.6). At 0.6, seeds 1 and 2: 0.0931 / 0.0922
+# (0.0915 / 0.0904 without): 3 seeds 0.0926 against 0.0902, and the seeds spread
+# 1 % instead of 3 %. 50 links instead of 20: 0.0917; 30 epochs instead of 20: best
+# 0.0925 at epoch 15, no change. Cold valid targets 0.0275-0.0297 (0.0225 without),
+# warm 0.1146-0.1162 (0.1126): rare targets gain most, warm ones do not lose.
+# Width 256 with the mix (it overfitted from epoch 7 without, 0.0912): seed 0 valid
+# 0.0953 (0.1493) at epoch 9 of 14, seed 1 0.0948 (0.1457), both epoch 9: +6.0 % and
+# +5.5 % over ItemKNN's 0.0899, past the 3 % asked for before test is looked at.
+# Test, final fit (refitted on train + valid for 9 epochs), NDCG@10 (HR@10):
+#   seed 0  0.0972 (0.1440)   seed 1  0.0958 (0.1423)   ItemKNN 0.0948 (0.1294)
+# +2.5 % and +1.1 % NDCG@10, +11 % and +10 % HR@10. By segment, seed 0 vs ItemKNN:
+# warm targets 0.1164 vs 0.1117, cold 0.0293 vs 0.0351 (0.0215 for the 256-wide
+# ensemble without the mix): ItemKNN still ranks rare items better, SASRec now wins
+# overall. These are the settings above (256 wide, mix 0.6, EMA 0.995, seed 0);
+# this test, run with them on two threads, measured the same: valid 0.0953 at epoch
+# 9; test 0.0972 (0.1440) vs ItemKNN 0.0948 (0.1294), ALS 0.0719 (0.1079),
+# popularity 0.0180 (0.0315); fitted on train only 0.0898 (0.1335) vs ItemKNN 0.0888
+# (0.1227).
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +198,8 @@ def configs(
         dropout=0.5,
         text_dim=text_dim,
         id_dropout=id_dropout,
+        cooccurrence_mix=COOCCURRENCE_MIX,
+        cooccurrence_neighbors=COOCCURRENCE_NEIGHBORS,
     )
     train_config = TrainConfig(
         epochs=EPOCHS,
@@ -171,6 +208,8 @@ def configs(
         embedding_weight_decay=EMBEDDING_WEIGHT_DECAY,
         warmup_ratio=WARMUP_RATIO,
         device="cpu",
+        ema_decay=EMA_DECAY,
+        seed=SEED,
     )
     return model_config, train_config
 
@@ -197,17 +236,8 @@ def refit(
     return refit_sasrec(split, model_config, train_config, epochs, item_text=item_text)
 
 
-@pytest.mark.xfail(
-    reason="not met yet on NDCG@10: final fit (epochs chosen on valid: 11; every "
-    "model refitted on train + valid) test NDCG@10 SASRec+text 0.0893 (HR@10 "
-    "0.1320) vs ItemKNN 0.0948 (HR@10 0.1294), ALS 0.0719 (0.1079), popularity "
-    "0.0180 (0.0315): SASRec beats every baseline on HR@10 and ALS and popularity "
-    "on both, not ItemKNN on NDCG@10; fitted on train only: 0.0821 (0.1195) vs "
-    "ItemKNN 0.0888 (0.1227); best so far (not built): a 3-member 256-wide EMA "
-    "ensemble, 0.0921 (0.1341) vs 0.0948; see the comment above; issue 6 notes",
-    strict=False,
-)
-@pytest.mark.timeout(3600)  # two trainings and two baseline fits: 10-40 min on 2 cores
+# Two 256-wide trainings and the baselines: 19 min on 2 cores.
+@pytest.mark.timeout(3600)
 def test_sasrec_beats_every_baseline(
     amazon: tuple[LeaveOneOutSplit, list[str]],
 ) -> None:
@@ -250,7 +280,7 @@ def test_sasrec_beats_every_baseline(
         assert sasrec["hr_10"] > baseline["hr_10"], name
 
 
-@pytest.mark.timeout(3600)  # two trainings: 10-30 min on 2 shared cores
+@pytest.mark.timeout(3600)  # two trainings: 12 min on 2 cores
 def test_the_text_tower_recommends_items_never_seen_in_training(
     amazon: tuple[LeaveOneOutSplit, list[str]],
 ) -> None:
@@ -272,6 +302,7 @@ def test_the_text_tower_recommends_items_never_seen_in_training(
         for name, result in (("text", with_text), ("id_only", id_only))
     }
     print(json.dumps({"cold_items": len(cold), **cold_hr}))
-    # measured: text tower 0.0627 HR@10 on 861 cold targets, id-only 0.0
+    # measured: text tower HR@10 0.1649 (NDCG@10 0.1075) on 861 cold targets (312
+    # items), id-only 0.0; 0.0627 at 128 wide without the mix and the moving average
     assert cold_hr["text"]["hr_10"] > 0.03
     assert cold_hr["text"]["hr_10"] > 5 * cold_hr["id_only"]["hr_10"]
