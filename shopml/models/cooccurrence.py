@@ -28,6 +28,7 @@ from scipy import sparse
 from torch import Tensor
 
 DEFAULT_SHRINK = 10.0
+ROW_BLOCK = 1024  # items whose co-occurrences are held in memory at once
 
 
 def cooccurrence_neighbors(
@@ -61,28 +62,17 @@ def cooccurrence_neighbors(
     n = n_items + 1
     users, items = _distinct_pairs(item_seqs, n_items)
     item_user = sparse.csr_matrix(
-        (np.ones(len(items)), (items, users)), shape=(n, max(len(item_seqs), 1))
+        (np.ones(len(items)), (items, users)),
+        shape=(n, max(len(item_seqs), 1)),
     )
     degree = np.asarray(item_user.sum(axis=1)).ravel()  # [n] users per item
-    co = (item_user @ item_user.T).tocoo()  # [n, n] co-counts, pairs that co-occur
-    off_diagonal = co.row != co.col
-    rows = co.row[off_diagonal].astype(np.int64)
-    columns = co.col[off_diagonal].astype(np.int64)
-    counts = co.data[off_diagonal]
-    sim = counts / (np.sqrt(degree[rows] * degree[columns]) + shrink + 1e-12)
-
-    # Strongest first within each row; ties by column for a deterministic table.
-    order = np.lexsort((columns, -sim, rows))
-    rows, columns, sim = rows[order], columns[order], sim[order]
-    row_start = np.searchsorted(rows, np.arange(n))
-    rank = np.arange(len(rows)) - row_start[rows]
-    kept = rank < k
-    rows, columns, sim, rank = rows[kept], columns[kept], sim[kept], rank[kept]
-
+    user_item = item_user.T.tocsr()
     index = np.zeros((n, k), dtype=np.int64)
     weight = np.zeros((n, k), dtype=np.float64)
-    index[rows, rank] = columns
-    weight[rows, rank] = sim
+    # A block of items at a time, so memory holds one block's co-occurrences.
+    for start in range(0, n, ROW_BLOCK):
+        co = (item_user[start : start + ROW_BLOCK] @ user_item).tocoo()
+        _keep_strongest(co, start, degree, shrink, index, weight)
     total = weight.sum(axis=1, keepdims=True)
     weight = np.divide(weight, total, out=np.zeros_like(weight), where=total > 0)
     lonely = np.flatnonzero(total[:, 0] == 0)
@@ -90,6 +80,36 @@ def cooccurrence_neighbors(
     index[lonely, 0] = lonely
     weight[lonely, 0] = 1.0
     return torch.from_numpy(index), torch.from_numpy(weight.astype(np.float32))
+
+
+def _keep_strongest(
+    co: sparse.coo_matrix,
+    start: int,
+    degree: np.ndarray,
+    shrink: float,
+    index: np.ndarray,
+    weight: np.ndarray,
+) -> None:
+    """Write the ``k`` strongest links of a block of rows into ``index`` / ``weight``.
+
+    ``co`` holds the co-counts of items ``start..start + co.shape[0] - 1`` (rows)
+    with every item (columns); ``k`` is the width of ``index``.
+    """
+    rows = co.row.astype(np.int64) + start
+    columns = co.col.astype(np.int64)
+    off_diagonal = rows != columns
+    rows, columns = rows[off_diagonal], columns[off_diagonal]
+    sim = co.data[off_diagonal] / (
+        np.sqrt(degree[rows] * degree[columns]) + shrink + 1e-12
+    )
+    # Strongest first within each row; ties by column for a deterministic table.
+    order = np.lexsort((columns, -sim, rows))
+    rows, columns, sim = rows[order], columns[order], sim[order]
+    first = np.searchsorted(rows, rows)  # where each row's run starts
+    rank = np.arange(len(rows)) - first
+    kept = rank < index.shape[1]
+    index[rows[kept], rank[kept]] = columns[kept]
+    weight[rows[kept], rank[kept]] = sim[kept]
 
 
 def _distinct_pairs(
