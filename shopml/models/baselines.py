@@ -35,18 +35,19 @@ MAX_DENSE_ITEMS = 50_000
 BASELINES = ("popularity", "itemknn", "als")
 
 
-def _check_seqs(item_seqs: Iterable[np.ndarray], n_items: int) -> list[np.ndarray]:
+def check_item_seqs(item_seqs: Iterable[np.ndarray], n_items: int) -> list[np.ndarray]:
     """The histories as int64 arrays, every index checked against ``1..n_items``.
 
     Raises:
-        ValueError: an index is outside ``1..n_items``.
+        ValueError: an index is outside ``1..n_items``; the message names the
+            history.
     """
     seqs = [np.asarray(seq, dtype=np.int64) for seq in item_seqs]
-    for seq in seqs:
+    for row, seq in enumerate(seqs):
         if seq.size and (seq.min() < 1 or seq.max() > n_items):
             raise ValueError(
-                f"item index out of range: min={seq.min()}, max={seq.max()}; "
-                f"expected 1..{n_items}"
+                f"item_seqs[{row}] holds an item index out of range "
+                f"(min={seq.min()}, max={seq.max()}); expected 1..{n_items}"
             )
     return seqs
 
@@ -61,7 +62,7 @@ def _check_n_items(n_items: int, dense: bool = False) -> None:
         )
 
 
-def _user_item_pairs(seqs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def user_item_pairs(seqs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Distinct (user row, item) pairs of the histories; repeats count once."""
     users = np.repeat(np.arange(len(seqs)), [len(s) for s in seqs])
     items = np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.int64)
@@ -96,7 +97,7 @@ class PopularityRecommender:
             ValueError: an index is outside ``1..n_items``.
         """
         counts = np.zeros(self.n_items + 1, dtype=np.int64)
-        for seq in _check_seqs(item_seqs, self.n_items):
+        for seq in check_item_seqs(item_seqs, self.n_items):
             counts += np.bincount(seq, minlength=self.n_items + 1)
         self.popularity = counts.astype(np.float32)
         logger.debug("popularity fitted on %d interactions", int(counts.sum()))
@@ -170,8 +171,8 @@ class ItemKNNRecommender:
         Raises:
             ValueError: an index is outside ``1..n_items``.
         """
-        seqs = _check_seqs(item_seqs, self.n_items)
-        users, items = _user_item_pairs(seqs)
+        seqs = check_item_seqs(item_seqs, self.n_items)
+        users, items = user_item_pairs(seqs)
         n = self.n_items + 1
         item_user = _sparse(items, users, np.ones(len(items)), (n, max(len(seqs), 1)))
         co = torch.sparse.mm(item_user, item_user.to_dense().T)  # [N, N] co-counts
@@ -286,8 +287,8 @@ class ImplicitALSRecommender:
         Raises:
             ValueError: an index is outside ``1..n_items``.
         """
-        seqs = _check_seqs(item_seqs, self.n_items)
-        users, items = _user_item_pairs(seqs)
+        seqs = check_item_seqs(item_seqs, self.n_items)
+        users, items = user_item_pairs(seqs)
         users_t, items_t = torch.from_numpy(users), torch.from_numpy(items)
         gen = torch.Generator().manual_seed(self.seed)
         n = self.n_items + 1

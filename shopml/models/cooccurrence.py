@@ -27,6 +27,8 @@ import torch
 from scipy import sparse
 from torch import Tensor
 
+from shopml.models.baselines import check_item_seqs, user_item_pairs
+
 DEFAULT_SHRINK = 10.0
 ROW_BLOCK = 1024  # items whose co-occurrences are held in memory at once
 
@@ -60,7 +62,7 @@ def cooccurrence_neighbors(
     if shrink < 0:
         raise ValueError(f"shrink={shrink} must be non-negative")
     n = n_items + 1
-    users, items = _distinct_pairs(item_seqs, n_items)
+    users, items = user_item_pairs(check_item_seqs(item_seqs, n_items))
     item_user = sparse.csr_matrix(
         (np.ones(len(items)), (items, users)),
         shape=(n, max(len(item_seqs), 1)),
@@ -110,21 +112,3 @@ def _keep_strongest(
     kept = rank < index.shape[1]
     index[rows[kept], rank[kept]] = columns[kept]
     weight[rows[kept], rank[kept]] = sim[kept]
-
-
-def _distinct_pairs(
-    item_seqs: Sequence[np.ndarray], n_items: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct (user row, item) pairs, every index checked against ``1..n_items``."""
-    seqs = [np.asarray(seq, dtype=np.int64) for seq in item_seqs]
-    for row, seq in enumerate(seqs):
-        if seq.size and (seq.min() < 1 or seq.max() > n_items):
-            raise ValueError(
-                f"item_seqs[{row}] holds an item index out of range "
-                f"(min={seq.min()}, max={seq.max()}); expected 1..{n_items}"
-            )
-    if not seqs:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    users = np.repeat(np.arange(len(seqs)), [len(s) for s in seqs])
-    pairs = np.unique(np.stack([users, np.concatenate(seqs)], axis=1), axis=0)
-    return pairs[:, 0].copy(), pairs[:, 1].copy()
