@@ -18,6 +18,7 @@ the cluster.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -423,8 +424,48 @@ def start_local_canary(
     return stack
 
 
+def _ignore_stop_signals() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _interrupt(signum: int, frame: Any) -> None:
+    """Turn the first SIGTERM or Ctrl-C into an interrupt; ignore any that follow, so
+    a second signal cannot cut the clean-up short."""
+    _ignore_stop_signals()
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop_child_processes(timeout_s: float = 10) -> list[int]:
+    """SIGTERM every process this one started, wait, SIGKILL what is left.
+
+    The safety net under :func:`serve_canary`: an interrupt can land between a
+    ``Popen`` and the line that records its process (inside a ``logger`` call, or
+    between a ``return`` and the caller's ``try``), and a process nobody recorded
+    would outlive the command. The model servers run in their own sessions but stay
+    this process's children, so none escapes.
+
+    Returns:
+        The pids that were still running.
+    """
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=timeout_s)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(alive, timeout=5)
+    if children:
+        logger.warning(
+            "stopped %d process(es) the interrupt left behind: %s",
+            len(children),
+            ", ".join(str(child.pid) for child in children),
+        )
+    return [child.pid for child in children]
 
 
 def serve_canary(
@@ -436,7 +477,9 @@ def serve_canary(
 ) -> None:
     """``shopml serve --canary PERCENT``: run the local canary stack until stopped.
 
-    Ctrl-C and SIGTERM both stop the splitter and both servers, during start-up too.
+    Ctrl-C and SIGTERM both stop the splitter and both servers, during start-up too:
+    the stack stops them in order, and :func:`stop_child_processes` then stops any
+    the interrupt caught before it was recorded.
 
     Args:
         stable_dir: the stable model folder (the latest promoted model).
@@ -448,13 +491,22 @@ def serve_canary(
     Raises:
         DeploymentError: a server or the splitter did not start (all are stopped).
     """
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = {
+        number: signal.signal(number, _interrupt)
+        for number in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         _run_canary(stable_dir, canary_dir, canary_percent, port, name)
     except KeyboardInterrupt:
         logger.info("local canary stopped")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        try:  # the handler fires once at most, and this is the one place left
+            _ignore_stop_signals()
+        except KeyboardInterrupt:
+            logger.info("local canary stopped")
+        stop_child_processes()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _run_canary(

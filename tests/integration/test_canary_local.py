@@ -248,6 +248,60 @@ def test_sigterm_to_serve_canary_stops_the_splitter_and_both_servers(
             cli.wait()
 
 
+# Starts a detached child (as the model servers run) and a plain one (as the
+# splitter runs), prints their pids, then a real SIGTERM lands before the stack
+# reaches the caller: the window where nothing has recorded them yet.
+UNRECORDED_CHILDREN = """
+import os, signal, subprocess, sys, time
+from pathlib import Path
+import shopml.cli_serving as cli_serving
+
+def start_local_canary(*args, **kwargs):
+    sleeper = [sys.executable, "-c", "import time; time.sleep(300)"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    servers = subprocess.Popen(sleeper, start_new_session=True, **quiet)
+    splitter = subprocess.Popen(sleeper, **quiet)
+    print(servers.pid, splitter.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)  # the handler raises here, before any return
+
+cli_serving.start_local_canary = start_local_canary
+cli_serving.serve_canary(Path("stable"), Path("canary"), 30, port=1)
+print("returned", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_serve_canary_stops_processes_an_interrupt_caught_unrecorded(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "unrecorded.py"
+    script.write_text(UNRECORDED_CHILDREN)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        check=False, capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+
+    lines = done.stdout.split("\n")
+    pids = [int(pid) for pid in lines[0].split()]
+    assert done.returncode == 0, done.stderr
+    assert lines[1] == "returned"
+    assert len(pids) == 2
+    assert wait_until(lambda: not processes_alive(pids), 5), processes_alive(pids)
+    assert "stopped 2 process(es) the interrupt left behind" in done.stderr
+
+
+def processes_alive(pids: list[int]) -> list[int]:
+    return [
+        pid for pid in pids
+        if Path(f"/proc/{pid}").exists()
+        and (Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z")
+    ]  # fmt: skip
+
+
 def is_up(url: str) -> bool:
     try:
         return httpx.get(f"{url}/splitter/traffic", timeout=1).status_code == 200
