@@ -41,7 +41,10 @@ from tests.unit.test_recommender import N_ITEMS, item_id
 pytestmark = pytest.mark.integration
 
 LIKED = {item_id(i) for i in range(26, 31)}  # the good ranking's top five
-POLICY = CanaryPolicy(min_requests=60, min_impressions=60)
+# These tests are about the online hit rate. A variant's p99 over ~100 requests is its
+# slowest request or two, which a busy 2-core CI runner sets, not the model; the
+# latency rule has its own tests (tests/unit/test_canary.py), so it gets room here.
+POLICY = CanaryPolicy(min_requests=60, min_impressions=60, p99_slack_ms=10_000)
 
 
 def write_artifact(path: Path, is_good: bool) -> Path:
@@ -147,6 +150,9 @@ def test_worse_canary_is_rolled_back_and_gets_no_more_traffic(
 
     assert 60 <= variants.count("canary") <= 140
     assert decision == "rollback"
+    assert [reason.split(" ")[:3] for reason in details["reasons"]] == [
+        ["online", "hit", "rate"]
+    ]
     assert percent == 0
     assert set(after) == {"stable"}
     assert details["canary"]["hit_rate"] == 0.0
@@ -164,7 +170,7 @@ def test_better_canary_is_promoted_and_takes_all_traffic(
     after = shop(better_canary, 30)
     again, percent_again, repeated = analyze_and_apply(better_canary)
 
-    assert decision == "promote"
+    assert decision == "promote", details["reasons"]
     assert percent == 100
     assert set(after) == {"canary"}
     assert details["canary"]["hit_rate"] > details["stable"]["hit_rate"]
