@@ -29,7 +29,7 @@ from kfp import dsl
 from torch import Tensor
 
 from components.common import stage_component
-from components.train import read_curated
+from components.train import FIT_ON_TRAIN, FIT_ON_TRAIN_VALID, read_curated
 from shopml.artifact import (
     ModelArtifact,
     ModelCard,
@@ -91,6 +91,8 @@ class EvaluationResult:
         segments: model name -> segment (``short_history``, ``long_history``,
             ``cold_item``, ``warm_item``) -> metric -> value, with ``n_users``.
         short_history_max: history length up to which a user counts as short.
+        fit_on: what the model and the baselines learned from: ``train``, or
+            ``train+valid`` after the train stage's final fit.
     """
 
     models: dict[str, dict[str, float]]
@@ -99,6 +101,7 @@ class EvaluationResult:
     seconds: float
     segments: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     short_history_max: int = 0
+    fit_on: str = FIT_ON_TRAIN
 
     def metrics(self) -> dict[str, float]:
         """Flat figures for the KFP Metrics artifact, e.g. ``sasrec_ndcg_10`` and
@@ -123,6 +126,7 @@ class EvaluationResult:
                 for model, row in self.models.items()
             },
             "protocol": PROTOCOL,
+            "fit_on": self.fit_on,
             "n_users": self.n_users,
             "n_items": self.n_items,
         }
@@ -211,6 +215,10 @@ def evaluate_models(
 ) -> EvaluationResult:
     """Score SASRec, every baseline and the champion on every user's test target.
 
+    The baselines learn from what the model learned from: the training histories, or
+    those plus every validation item when the train stage saved its final fit (the
+    artifact's ``train.fit_on``). The champion is scored as it was trained.
+
     Args:
         curated_dir: folder with ``events.parquet`` and ``catalog.parquet``, the data
             the model was trained on.
@@ -241,7 +249,9 @@ def evaluate_models(
     scorers: dict[str, tuple[ScoreFn, int]] = {
         MODEL: (artifact.model.full_sort_scores, artifact.config.max_seq_len)
     }
-    for name, baseline in fit_baselines(split).items():
+    fit_on = str(artifact.extra.get("train", {}).get("fit_on", FIT_ON_TRAIN))
+    stage: Stage = "test" if fit_on == FIT_ON_TRAIN_VALID else "valid"
+    for name, baseline in fit_baselines(split, stage).items():
         scorers[name] = (baseline.full_sort_scores, BASELINE_SEQ_LEN)
     if champion_dir is not None:
         champion = load_model_artifact(champion_dir)
@@ -252,9 +262,11 @@ def evaluate_models(
     evaluations = _evaluate_all(scorers, split, rules or SegmentRules())
 
     result = _result(evaluations, split.n_items, time.monotonic() - started)
+    result.fit_on = fit_on
     logger.info(
-        "evaluate done users=%d %s seconds=%.1f",
+        "evaluate done users=%d fit_on=%s %s seconds=%.1f",
         result.n_users,
+        fit_on,
         " ".join(f"{m}_ndcg_10={r[GATE_METRIC]:.4f}" for m, r in result.models.items()),
         result.seconds,
     )
@@ -521,7 +533,8 @@ def render_report(result: EvaluationResult, gate: str) -> str:
         "<style>table{border-collapse:collapse}td,th{border:1px solid #999;"
         "padding:4px 8px;text-align:right}</style></head><body>"
         f"<h1>Evaluation</h1><p>{html.escape(PROTOCOL)}; users={result.n_users}, "
-        f"items={result.n_items}</p>"
+        f"items={result.n_items}; every model fitted on {html.escape(result.fit_on)}"
+        "</p>"
         + _html_table(result.models, "model")
         + f"<p>Gate: {html.escape(gate)}</p>"
         + segments

@@ -2,9 +2,11 @@
 
 The core ``train_model`` reads ``events.parquet`` and ``catalog.parquet`` from the
 curated folder, builds the leave-one-out split (shopml.sequences), trains SASRec with
-early stopping on validation NDCG@10 (shopml.training) and saves the model artifact
-(shopml.artifact) with item titles from the catalog and the popularity of every
-interaction except the held-out test items. ``train`` below is the thin KFP component.
+early stopping on validation NDCG@10 (shopml.training), by default refits it on train +
+validation for the chosen number of epochs (the final fit, ``shopml.final_fit``), and
+saves the model artifact (shopml.artifact) with item titles from the catalog and the
+popularity of every interaction except the held-out test items. ``train`` below is the
+thin KFP component.
 """
 
 import argparse
@@ -27,6 +29,7 @@ from shopml.artifact import (
 )
 from shopml.checkpoints import Checkpointer
 from shopml.distributed import is_main_process
+from shopml.final_fit import refit_sasrec
 from shopml.models.baselines import PopularityRecommender
 from shopml.models.sasrec import SASRecConfig
 from shopml.models.text import TEXT_DIM, item_text_embeddings
@@ -81,6 +84,12 @@ class TrainParams:
             tried on: MovieLens-100K with these defaults 0.1216 -> 0.1312 (0.1246 at
             0.3, 0.1312 at 0.8, reached 15 epochs later), Amazon Scientific 5-core
             (128 wide, 3 seeds) 0.0902 -> 0.0926.
+        final_fit: after early stopping, retrain from scratch on train + validation
+            for the best epoch count and save that model, so the deployed model has
+            learned every user's newest transition before the test item. The
+            evaluate stage then fits its baselines on the same data. On the
+            MovieLens-100K pipeline data it took test NDCG@10 from 0.1213 to 0.1222
+            and HR@10 from 0.2216 to 0.2375, for 0.8x more training time.
     """
 
     epochs: int = 200
@@ -104,6 +113,13 @@ class TrainParams:
     checkpoint_key: str = ""
     ema_decay: float = 0.0
     cooccurrence_mix: float = 0.6
+    final_fit: bool = True
+
+
+# What the saved model learned from (TrainSummary.fit_on): the training histories, or
+# those plus every validation item (the final fit).
+FIT_ON_TRAIN = "train"
+FIT_ON_TRAIN_VALID = "train+valid"
 
 
 @dataclass
@@ -115,11 +131,14 @@ class TrainSummary:
         n_users: users in the split.
         n_items: items in the vocabulary.
         n_train_interactions: interactions in the training histories.
-        best_epoch: epoch whose weights were saved.
+        best_epoch: the epoch early stopping chose on validation.
         epochs_run: epochs run before stopping.
-        seconds: training wall time.
+        seconds: training wall time, the final fit included.
         device: device trained on.
-        valid: validation metrics of the saved weights.
+        valid: validation metrics of the best epoch (of phase 1 with a final fit,
+            whose model has learned the validation items and cannot be validated).
+        fit_on: ``train``, or ``train+valid`` when the saved model is the final fit.
+        final_fit_seconds: wall time of the final fit (0 without one).
     """
 
     model_dir: str
@@ -131,6 +150,8 @@ class TrainSummary:
     seconds: float
     device: str
     valid: dict[str, float] = field(default_factory=dict)
+    fit_on: str = FIT_ON_TRAIN
+    final_fit_seconds: float = 0.0
 
     def metrics(self) -> dict[str, float]:
         """Flat figures for the KFP Metrics artifact."""
@@ -141,6 +162,8 @@ class TrainSummary:
             "best_epoch": float(self.best_epoch),
             "epochs_run": float(self.epochs_run),
             "train_seconds": self.seconds,
+            "final_fit": float(self.fit_on == FIT_ON_TRAIN_VALID),
+            "final_fit_seconds": self.final_fit_seconds,
         }
         figures.update({f"valid_{name}": value for name, value in self.valid.items()})
         return figures
@@ -210,7 +233,10 @@ def _configs(params: TrainParams, n_items: int) -> tuple[SASRecConfig, TrainConf
 
 
 def _summary(
-    model_dir: Path, split: LeaveOneOutSplit, result: TrainResult
+    model_dir: Path,
+    split: LeaveOneOutSplit,
+    result: TrainResult,
+    final: TrainResult | None,
 ) -> TrainSummary:
     return TrainSummary(
         model_dir=str(model_dir),
@@ -219,9 +245,11 @@ def _summary(
         n_train_interactions=sum(len(seq) for seq in split.train_seqs),
         best_epoch=result.best_epoch,
         epochs_run=result.epochs_run,
-        seconds=result.seconds,
+        seconds=result.seconds + (final.seconds if final else 0.0),
         device=result.device,
         valid=result.best_valid,
+        fit_on=FIT_ON_TRAIN_VALID if final else FIT_ON_TRAIN,
+        final_fit_seconds=final.seconds if final else 0.0,
     )
 
 
@@ -264,22 +292,34 @@ def train_model(
     split = split_for_training(events, catalog, params.source)
     model_config, train_config = _configs(params, split.n_items)
 
+    item_text = _item_text(split, catalog) if params.text_tower else None
     result = train_sasrec(
         split,
         model_config,
         train_config,
-        item_text=_item_text(split, catalog) if params.text_tower else None,
+        item_text=item_text,
         checkpointer=_checkpointer(params.checkpoint_key),
     )
+    final = None
+    if params.final_fit:
+        final_key = f"{params.checkpoint_key}-final" if params.checkpoint_key else ""
+        final = refit_sasrec(
+            split,
+            model_config,
+            train_config,
+            result.best_epoch,
+            item_text=item_text,
+            checkpointer=_checkpointer(final_key),
+        )
+    summary = _summary(model_dir, split, result, final)
     if not is_main_process():
-        return _summary(model_dir, split, result)  # rank 0 writes the artifact
+        return summary  # rank 0 writes the artifact
 
     popularity = PopularityRecommender(split.n_items).fit(split.histories("test"))
-    summary = _summary(model_dir, split, result)
     extra: dict[str, Any] = {"train": asdict(summary), "params": asdict(params)}
     save_model_artifact(
         model_dir,
-        result.model,
+        (final or result).model,
         items_table(split, catalog),
         popularity.popularity,
         extra,
@@ -289,10 +329,12 @@ def train_model(
     )
     save_model_card(model_dir, card)
     logger.info(
-        "train done model_dir=%s best_epoch=%d valid_ndcg_10=%.4f seconds=%.1f",
+        "train done model_dir=%s best_epoch=%d valid_ndcg_10=%.4f fit_on=%s "
+        "seconds=%.1f",
         model_dir,
         summary.best_epoch,
         summary.valid.get("ndcg_10", float("nan")),
+        summary.fit_on,
         summary.seconds,
     )
     return summary
@@ -314,6 +356,7 @@ def train(
     source: str = "events",
     ema_decay: float = 0.0,
     cooccurrence_mix: float = 0.6,
+    final_fit: bool = True,
 ) -> None:
     """Train the SASRec recommender and write the model artifact folder.
 
@@ -335,6 +378,8 @@ def train(
             0.995); 0 keeps the weights themselves.
         cooccurrence_mix: share of each item's representation taken from its
             co-occurring items; 0 turns it off.
+        final_fit: refit on train + validation for the epoch count validation chose,
+            and save that model.
     """
     import os
     from pathlib import Path
@@ -355,6 +400,7 @@ def train(
         source=source,
         ema_decay=ema_decay,
         cooccurrence_mix=cooccurrence_mix,
+        final_fit=final_fit,
     )
     os.makedirs(model.path, exist_ok=True)
     summary = train_model(Path(curated.path), Path(model.path), params)
@@ -397,7 +443,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="share of each item taken from its co-occurring items; 0: none",
     )
     parser.add_argument(
-        "--checkpoint-key", default="", help="object-store key; resumes after a kill"
+        "--final-fit",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.final_fit,
+        help="refit on train + validation for the chosen epoch count (default: on)",
+    )
+    parser.add_argument(
+        "--checkpoint-key",
+        default="",
+        help="object-store key; resumes after a kill (the final fit uses KEY-final)",
     )
     return parser.parse_args(argv)
 
@@ -430,6 +484,7 @@ def main(argv: list[str] | None = None) -> None:
         text_tower=args.text_tower,
         ema_decay=args.ema_decay,
         cooccurrence_mix=args.cooccurrence_mix,
+        final_fit=args.final_fit,
         checkpoint_key=args.checkpoint_key,
         show_progress=False,
     )

@@ -55,6 +55,7 @@ def lifecycle_pipeline(
     device: str = "auto",
     gpus: int = 1,
     seed: int = 42,
+    final_fit: bool = True,
     min_lift: float = 0.0,
     deploy_target: str = "local",
     monitor_users: int = 20,
@@ -79,6 +80,8 @@ def lifecycle_pipeline(
         device: ``auto`` (CUDA when present), ``cuda`` or ``cpu``.
         gpus: GPUs the training pod asks for on a cluster; 0 trains on CPU nodes.
         seed: random seed for training.
+        final_fit: after early stopping, refit on train + validation for the chosen
+            epoch count and deploy that model (the gate's baselines learn the same).
         min_lift: relative NDCG@10 lift over popularity the model needs to pass the gate.
         deploy_target: ``local`` (a KServe ModelServer on this machine) or ``kserve``.
         monitor_users: how many users the monitor stage sends to the endpoint.
@@ -119,6 +122,7 @@ def lifecycle_pipeline(
         loss=loss,
         device=device,
         seed=seed,
+        final_fit=final_fit,
     )
     # Feast-sourced training reads the offline store the features stage writes.
     train_task.after(features_task)

@@ -6,6 +6,7 @@ import base64
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,11 @@ from components.evaluate import (
     evaluate,
     evaluate_models,
     find_live_model,
+    fit_baselines,
     model_card_with,
     render_report,
 )
-from components.train import TrainParams, train_model
+from components.train import TrainParams, read_curated, train_model
 from shopml.artifact import ModelCard, save_model_card
 from shopml.assets import AssetStore
 from shopml.evaluation import (
@@ -264,6 +266,41 @@ def test_evaluate_models_scores_both_models_on_every_test_user(
         "n_users"
     ] == pytest.approx(20)
     assert result.metrics()["als_cold_item_n_users"] == segments["cold_item"]["n_users"]
+
+
+def test_the_baselines_learn_from_what_the_model_learned_from(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(0)  # random walks: validation items change the fits
+    rows = [
+        (f"u{user:02d}", f"i{int(rng.integers(1, 13)):02d}", 100 * user + step)
+        for user in range(20)
+        for step in range(6)
+    ]
+    curated = cyclic_curated(tmp_path / "curated")
+    make_events(rows).to_parquet(curated / "events.parquet")
+    split = split_events(*read_curated(curated))
+    params = TrainParams(epochs=2, max_seq_len=8, hidden_size=16, batch_size=8)
+
+    figures = {}
+    for final_fit, stage in ((True, "test"), (False, "valid")):
+        model_dir = tmp_path / stage
+        train_model(curated, model_dir, replace(params, final_fit=final_fit))
+        result = evaluate_models(curated, model_dir)
+        expected = {
+            name: evaluate_ranking(
+                baseline.full_sort_scores, split, "test", max_seq_len=200
+            ).metrics
+            for name, baseline in fit_baselines(split, stage).items()
+        }
+        for name, metrics in expected.items():
+            assert result.models[name] == pytest.approx(metrics), (stage, name)
+        assert result.fit_on == result.table()["fit_on"]
+        figures[result.fit_on] = expected
+
+    assert set(figures) == {"train+valid", "train"}
+    # The two fits differ, so the test would notice the wrong one.
+    assert figures["train+valid"]["itemknn"] != figures["train"]["itemknn"]
 
 
 def test_a_champion_as_good_as_the_model_fails_the_gate(

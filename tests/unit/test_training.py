@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import shopml.training
-from components.train import TrainParams, _parse_args, train, train_model
+from components.train import TrainParams, _configs, _parse_args, train, train_model
 from shopml.artifact import load_model_artifact
 from shopml.checkpoints import Checkpointer
 from shopml.distributed import DistContext
@@ -379,6 +379,47 @@ def test_train_model_saves_a_loadable_artifact_with_titles(tmp_path: Path) -> No
     assert summary.epochs_run == 4
     assert summary.metrics()["valid_ndcg_10"] == summary.valid["ndcg_10"]
     assert artifact.extra["train"]["best_epoch"] == summary.best_epoch
+
+
+def test_the_train_stage_saves_the_final_fit_and_says_so(tmp_path: Path) -> None:
+    curated = write_curated(tmp_path / "curated")
+    params = TrainParams(
+        epochs=3, max_seq_len=10, hidden_size=32, batch_size=16, device="cpu", seed=3
+    )
+    refitted = train_model(curated, tmp_path / "final", params)
+    selected = train_model(
+        curated, tmp_path / "selected", replace(params, final_fit=False)
+    )
+
+    split = split_events(cyclic_events(), catalog())
+    model_config, train_config = _configs(params, split.n_items)
+    expected = refit_sasrec(split, model_config, train_config, refitted.best_epoch)
+    saved = {
+        name: load_model_artifact(tmp_path / name).model.state_dict()
+        for name in ("final", "selected")
+    }
+    for name, tensor in expected.model.state_dict().items():
+        torch.testing.assert_close(saved["final"][name], tensor, msg=name)
+    weights = "item_embedding.weight"
+    assert not torch.equal(saved["final"][weights], saved["selected"][weights])
+    assert (refitted.best_epoch, refitted.valid) == (
+        selected.best_epoch,
+        selected.valid,
+    )
+    assert (refitted.fit_on, selected.fit_on) == ("train+valid", "train")
+    assert refitted.final_fit_seconds > 0 == selected.final_fit_seconds
+    assert refitted.metrics()["final_fit"] == 1.0
+    extra = load_model_artifact(tmp_path / "final").extra["train"]
+    assert extra["fit_on"] == "train+valid"
+
+
+def test_the_command_line_turns_the_final_fit_off() -> None:
+    def final(*flags: str) -> bool:
+        args = _parse_args(["--curated-uri", "c", "--model-uri", "m", *flags])
+        return bool(args.final_fit)
+
+    assert final() is TrainParams().final_fit is True
+    assert final("--no-final-fit") is False
 
 
 def test_a_graph_smoothed_model_keeps_its_item_links_in_the_artifact(
