@@ -12,7 +12,7 @@ thin KFP component.
 import argparse
 import logging
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -269,6 +269,17 @@ def _checkpointer(key: str) -> Checkpointer | None:
     return Checkpointer(open_store(load_settings()), key)
 
 
+def final_checkpoint_key(key: str) -> str:
+    """The final fit's checkpoint key beside phase 1's: ``a/last.pt`` -> ``a/last-final.pt``.
+
+    An empty key (no checkpoints) stays empty.
+    """
+    if not key:
+        return ""
+    path = PurePosixPath(key)
+    return str(path.with_name(f"{path.stem}-final{path.suffix}"))
+
+
 def train_model(
     curated_dir: Path, model_dir: Path, params: TrainParams | None = None
 ) -> TrainSummary:
@@ -302,7 +313,7 @@ def train_model(
     )
     final = None
     if params.final_fit:
-        final_key = f"{params.checkpoint_key}-final" if params.checkpoint_key else ""
+        final_key = final_checkpoint_key(params.checkpoint_key)
         final = refit_sasrec(
             split,
             model_config,
@@ -451,7 +462,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpoint-key",
         default="",
-        help="object-store key; resumes after a kill (the final fit uses KEY-final)",
+        help="object-store key; resumes after a kill (the final fit: a/last-final.pt)",
     )
     return parser.parse_args(argv)
 

@@ -68,4 +68,7 @@ def test_torchrun_trains_with_ddp_on_two_processes_and_rank_0_publishes(
     assert card is not None and card.training["valid"]["ndcg_10"] > 0.5
     checkpoint = Path(os.environ["SHOPML_HOME"]) / "store" / "checkpoints" / "ddp"
     assert (checkpoint / "last.pt").is_file()
+    # The final fit (on by default) also ran on both ranks, with its own checkpoint.
+    assert (checkpoint / "last-final.pt").is_file()
+    assert card.training["fit_on"] == "train+valid"
     assert json.loads((tmp_path / "model" / "config.json").read_text())["n_layers"] == 2

@@ -16,7 +16,14 @@ import pytest
 import torch
 
 import shopml.training
-from components.train import TrainParams, _configs, _parse_args, train, train_model
+from components.train import (
+    TrainParams,
+    _configs,
+    _parse_args,
+    final_checkpoint_key,
+    train,
+    train_model,
+)
 from shopml.artifact import load_model_artifact
 from shopml.checkpoints import Checkpointer
 from shopml.distributed import DistContext
@@ -411,6 +418,18 @@ def test_the_train_stage_saves_the_final_fit_and_says_so(tmp_path: Path) -> None
     assert refitted.metrics()["final_fit"] == 1.0
     extra = load_model_artifact(tmp_path / "final").extra["train"]
     assert extra["fit_on"] == "train+valid"
+
+
+@pytest.mark.parametrize(
+    ("key", "final"),
+    [
+        ("checkpoints/ddp/last.pt", "checkpoints/ddp/last-final.pt"),
+        ("runs/r1/state", "runs/r1/state-final"),
+        ("", ""),
+    ],
+)
+def test_the_final_fit_checkpoints_beside_the_selection(key: str, final: str) -> None:
+    assert final_checkpoint_key(key) == final
 
 
 def test_the_command_line_turns_the_final_fit_off() -> None:
