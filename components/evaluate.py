@@ -31,6 +31,7 @@ from torch import Tensor
 from components.common import stage_component
 from components.train import FIT_ON_TRAIN, FIT_ON_TRAIN_VALID, read_curated
 from shopml.artifact import (
+    ArtifactError,
     ModelArtifact,
     ModelCard,
     data_versions,
@@ -249,8 +250,14 @@ def evaluate_models(
     scorers: dict[str, tuple[ScoreFn, int]] = {
         MODEL: (artifact.model.full_sort_scores, artifact.config.max_seq_len)
     }
-    fit_on = str(artifact.extra.get("train", {}).get("fit_on", FIT_ON_TRAIN))
-    stage: Stage = "test" if fit_on == FIT_ON_TRAIN_VALID else "valid"
+    fit_on = artifact.extra.get("train", {}).get("fit_on", FIT_ON_TRAIN)
+    stages: dict[str, Stage] = {FIT_ON_TRAIN: "valid", FIT_ON_TRAIN_VALID: "test"}
+    if fit_on not in stages:
+        raise ArtifactError(
+            f"train.fit_on={fit_on!r} in the manifest of {model_dir} is not one of "
+            f"{sorted(stages)}; the baselines cannot be fitted on the model's data"
+        )
+    stage = stages[fit_on]
     for name, baseline in fit_baselines(split, stage).items():
         scorers[name] = (baseline.full_sort_scores, BASELINE_SEQ_LEN)
     if champion_dir is not None:
@@ -261,8 +268,7 @@ def evaluate_models(
         )
     evaluations = _evaluate_all(scorers, split, rules or SegmentRules())
 
-    result = _result(evaluations, split.n_items, time.monotonic() - started)
-    result.fit_on = fit_on
+    result = _result(evaluations, split.n_items, time.monotonic() - started, fit_on)
     logger.info(
         "evaluate done users=%d fit_on=%s %s seconds=%.1f",
         result.n_users,
@@ -274,7 +280,10 @@ def evaluate_models(
 
 
 def _result(
-    evaluations: dict[str, RankingEvaluation], n_items: int, seconds: float
+    evaluations: dict[str, RankingEvaluation],
+    n_items: int,
+    seconds: float,
+    fit_on: str,
 ) -> EvaluationResult:
     first = next(iter(evaluations.values()))
     return EvaluationResult(
@@ -284,6 +293,7 @@ def _result(
         seconds=seconds,
         segments={name: e.segments for name, e in evaluations.items()},
         short_history_max=first.short_history_max,
+        fit_on=fit_on,
     )
 
 

@@ -14,42 +14,30 @@ them alike. Three exist:
   folded in with the same least-squares step, so it scores any item sequence, not only
   the users it was trained on.
 
-The dense item-item matrix of ItemKNN and the [n_items, factors] matrix of ALS fit a
-catalog up to :data:`MAX_DENSE_ITEMS` items; larger catalogs raise
-``NotImplementedError`` (a sparse top-k neighbour table would be needed there).
+ItemKNN's neighbours come from the sparse top-k table of
+:func:`shopml.models.cooccurrence.item_similarity_topk`, the graph SASRec's
+``cooccurrence_mix`` smooths over too; ItemKNN then scores with a dense item-item
+matrix, and ALS keeps a [n_items, factors] matrix, so both fit a catalog up to
+:data:`MAX_DENSE_ITEMS` items; larger catalogs raise ``NotImplementedError``.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from shopml.models.cooccurrence import item_similarity_topk
+from shopml.models.histories import check_item_seqs, user_item_pairs
+
 logger = logging.getLogger(__name__)
 
 MAX_DENSE_ITEMS = 50_000
 BASELINES = ("popularity", "itemknn", "als")
-
-
-def check_item_seqs(item_seqs: Iterable[np.ndarray], n_items: int) -> list[np.ndarray]:
-    """The histories as int64 arrays, every index checked against ``1..n_items``.
-
-    Raises:
-        ValueError: an index is outside ``1..n_items``; the message names the
-            history.
-    """
-    seqs = [np.asarray(seq, dtype=np.int64) for seq in item_seqs]
-    for row, seq in enumerate(seqs):
-        if seq.size and (seq.min() < 1 or seq.max() > n_items):
-            raise ValueError(
-                f"item_seqs[{row}] holds an item index out of range "
-                f"(min={seq.min()}, max={seq.max()}); expected 1..{n_items}"
-            )
-    return seqs
 
 
 def _check_n_items(n_items: int, dense: bool = False) -> None:
@@ -60,14 +48,6 @@ def _check_n_items(n_items: int, dense: bool = False) -> None:
             f"n_items={n_items} exceeds {MAX_DENSE_ITEMS}: this baseline keeps a dense "
             "item matrix; a sparse top-k neighbour table is not built yet"
         )
-
-
-def user_item_pairs(seqs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct (user row, item) pairs of the histories; repeats count once."""
-    users = np.repeat(np.arange(len(seqs)), [len(s) for s in seqs])
-    items = np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.int64)
-    pairs = np.unique(np.stack([users, items], axis=1), axis=0)
-    return pairs[:, 0], pairs[:, 1]
 
 
 class PopularityRecommender:
@@ -171,23 +151,14 @@ class ItemKNNRecommender:
         Raises:
             ValueError: an index is outside ``1..n_items``.
         """
-        seqs = check_item_seqs(item_seqs, self.n_items)
-        users, items = user_item_pairs(seqs)
-        n = self.n_items + 1
-        item_user = _sparse(items, users, np.ones(len(items)), (n, max(len(seqs), 1)))
-        co = torch.sparse.mm(item_user, item_user.to_dense().T)  # [N, N] co-counts
-        degree = co.diagonal().clone()  # [N] users per item
-        sim = co / (torch.sqrt(degree[:, None] * degree[None, :]) + self.shrink + 1e-9)
-        sim.fill_diagonal_(0.0)
-        self.similarity = self._prune(sim)
-        logger.debug("itemknn fitted items=%d pairs=%d", self.n_items, len(items))
+        index, sim = item_similarity_topk(
+            item_seqs, self.n_items, self.n_neighbors, self.shrink
+        )
+        self.similarity = torch.zeros(self.n_items + 1, self.n_items + 1).scatter_(
+            1, torch.from_numpy(index), torch.from_numpy(sim).float()
+        )  # unused slots scatter 0 into column 0
+        logger.debug("itemknn fitted items=%d", self.n_items)
         return self
-
-    def _prune(self, sim: Tensor) -> Tensor:
-        """Keep each row's ``n_neighbors`` largest similarities, zero the rest."""
-        k = min(self.n_neighbors, sim.size(1))
-        values, columns = sim.topk(k, dim=1)
-        return torch.zeros_like(sim).scatter_(1, columns, values)
 
     def full_sort_scores(self, item_seq: Tensor) -> Tensor:
         """Recency-weighted sum of the history items' similarity rows.
@@ -214,18 +185,6 @@ class ItemKNNRecommender:
         scores = torch.sparse.mm(history, similarity)  # [B, N]
         scores[:, 0] = float("-inf")
         return scores
-
-
-def _sparse(
-    rows: np.ndarray, columns: np.ndarray, values: np.ndarray, shape: tuple[int, int]
-) -> Tensor:
-    """A float32 sparse COO matrix from coordinate arrays."""
-    return torch.sparse_coo_tensor(
-        torch.from_numpy(np.stack([rows, columns]).astype(np.int64)),
-        torch.from_numpy(np.asarray(values, dtype=np.float32)),
-        shape,
-        check_invariants=False,
-    ).coalesce()
 
 
 class ImplicitALSRecommender:

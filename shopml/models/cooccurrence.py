@@ -20,26 +20,29 @@ built here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 from scipy import sparse
 from torch import Tensor
 
-from shopml.models.baselines import check_item_seqs, user_item_pairs
+from shopml.models.histories import check_item_seqs, user_item_pairs
 
 DEFAULT_SHRINK = 10.0
 ROW_BLOCK = 1024  # items whose co-occurrences are held in memory at once
 
 
-def cooccurrence_neighbors(
-    item_seqs: Sequence[np.ndarray],
+def item_similarity_topk(
+    item_seqs: Iterable[np.ndarray],
     n_items: int,
     k: int,
     shrink: float = DEFAULT_SHRINK,
-) -> tuple[Tensor, Tensor]:
-    """Each item's ``k`` most similar co-occurring items and their weights.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's ``k`` most similar co-occurring items, with their similarities.
+
+    The neighbour table of ItemKNN (:class:`shopml.models.baselines.ItemKNNRecommender`)
+    and, normalised, of SASRec's graph smoothing (:func:`cooccurrence_neighbors`).
 
     Args:
         item_seqs: training histories, item indices in ``1..n_items``; repeats of an
@@ -49,9 +52,9 @@ def cooccurrence_neighbors(
         shrink: added to the cosine denominator; damps links seen by few users.
 
     Returns:
-        ``(index, weight)``: long and float ``[n_items + 1, k]``. Row ``i`` lists item
-        ``i``'s neighbours, strongest first, with weights summing to 1; unused slots
-        hold index 0 and weight 0. An item without a link has itself, weight 1.
+        ``(index, similarity)``: int64 and float64 ``[n_items + 1, k]``. Row ``i``
+        lists item ``i``'s co-occurring items, strongest first (ties by index); unused
+        slots hold index 0 and similarity 0. An item is never its own neighbour.
 
     Raises:
         ValueError: ``k`` is below 1, ``shrink`` is negative or an index is outside
@@ -62,19 +65,45 @@ def cooccurrence_neighbors(
     if shrink < 0:
         raise ValueError(f"shrink={shrink} must be non-negative")
     n = n_items + 1
-    users, items = user_item_pairs(check_item_seqs(item_seqs, n_items))
+    seqs = check_item_seqs(item_seqs, n_items)
+    users, items = user_item_pairs(seqs)
     item_user = sparse.csr_matrix(
-        (np.ones(len(items)), (items, users)),
-        shape=(n, max(len(item_seqs), 1)),
+        (np.ones(len(items)), (items, users)), shape=(n, max(len(seqs), 1))
     )
     degree = np.asarray(item_user.sum(axis=1)).ravel()  # [n] users per item
     user_item = item_user.T.tocsr()
     index = np.zeros((n, k), dtype=np.int64)
-    weight = np.zeros((n, k), dtype=np.float64)
+    similarity = np.zeros((n, k), dtype=np.float64)
     # A block of items at a time, so memory holds one block's co-occurrences.
     for start in range(0, n, ROW_BLOCK):
         co = (item_user[start : start + ROW_BLOCK] @ user_item).tocoo()
-        _keep_strongest(co, start, degree, shrink, index, weight)
+        _keep_strongest(co, start, degree, shrink, index, similarity)
+    return index, similarity
+
+
+def cooccurrence_neighbors(
+    item_seqs: Sequence[np.ndarray],
+    n_items: int,
+    k: int,
+    shrink: float = DEFAULT_SHRINK,
+) -> tuple[Tensor, Tensor]:
+    """The links of :func:`item_similarity_topk`, as weights that sum to 1 per item.
+
+    Args:
+        item_seqs: training histories, item indices in ``1..n_items``.
+        n_items: number of real items; row 0 (padding) links to nothing.
+        k: neighbours kept per item.
+        shrink: added to the cosine denominator.
+
+    Returns:
+        ``(index, weight)``: long and float ``[n_items + 1, k]``, strongest first,
+        unused slots index 0 and weight 0. An item without a link has itself,
+        weight 1.
+
+    Raises:
+        ValueError: as :func:`item_similarity_topk`.
+    """
+    index, weight = item_similarity_topk(item_seqs, n_items, k, shrink)
     total = weight.sum(axis=1, keepdims=True)
     weight = np.divide(weight, total, out=np.zeros_like(weight), where=total > 0)
     lonely = np.flatnonzero(total[:, 0] == 0)
@@ -90,9 +119,10 @@ def _keep_strongest(
     degree: np.ndarray,
     shrink: float,
     index: np.ndarray,
-    weight: np.ndarray,
+    similarity: np.ndarray,
 ) -> None:
-    """Write the ``k`` strongest links of a block of rows into ``index`` / ``weight``.
+    """Write the ``k`` strongest links of a block of rows into ``index`` /
+    ``similarity``.
 
     ``co`` holds the co-counts of items ``start..start + co.shape[0] - 1`` (rows)
     with every item (columns); ``k`` is the width of ``index``.
@@ -111,4 +141,4 @@ def _keep_strongest(
     rank = np.arange(len(rows)) - first
     kept = rank < index.shape[1]
     index[rows[kept], rank[kept]] = columns[kept]
-    weight[rows[kept], rank[kept]] = sim[kept]
+    similarity[rows[kept], rank[kept]] = sim[kept]

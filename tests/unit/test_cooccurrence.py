@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from shopml.models.baselines import ItemKNNRecommender
-from shopml.models.cooccurrence import cooccurrence_neighbors
+from shopml.models.cooccurrence import cooccurrence_neighbors, item_similarity_topk
 
 
 def seqs(*histories: list[int]) -> list[np.ndarray]:
@@ -59,30 +58,41 @@ def test_repeats_in_one_history_count_once() -> None:
     assert torch.equal(once[1], repeated[1])
 
 
-def test_the_links_are_itemknn_similarities_on_random_histories() -> None:
+def test_the_links_are_the_strongest_shrunk_cosines_on_random_histories() -> None:
     rng = np.random.default_rng(0)
-    n_items = 40
+    n_items, k, shrink = 40, 5, 10.0
     histories = [
         rng.choice(np.arange(1, n_items + 1), size=rng.integers(2, 9))
         for _ in range(60)
     ]
-    k = 5
+    # Brute force from the definition: users per item, then every pair.
+    users_of = {item: set() for item in range(1, n_items + 1)}
+    for user, history in enumerate(histories):
+        for item in history:
+            users_of[int(item)].add(user)
 
-    index, weight = cooccurrence_neighbors(histories, n_items, k=k, shrink=10.0)
+    def cosine(i: int, j: int) -> float:
+        shared = len(users_of[i] & users_of[j])
+        return shared / (np.sqrt(len(users_of[i]) * len(users_of[j])) + shrink)
 
-    similarity = (
-        ItemKNNRecommender(n_items, n_neighbors=n_items, shrink=10.0)
-        .fit(histories)
-        .similarity
-    )
+    index, similarity = item_similarity_topk(histories, n_items, k, shrink)
+    _, weight = cooccurrence_neighbors(histories, n_items, k=k, shrink=shrink)
+
     for item in range(1, n_items + 1):
-        row = similarity[item]
-        kept = row[index[item]]
-        # Every kept link is at least as strong as every link left out.
-        left_out = row.clone()
-        left_out[index[item]] = 0.0
-        assert kept.min() >= left_out.max() - 1e-6
-        torch.testing.assert_close(weight[item], kept / kept.sum())
+        row = {j: cosine(item, j) for j in range(1, n_items + 1) if j != item}
+        linked = [j for j in sorted(row, key=lambda j: (-row[j], j)) if row[j] > 0]
+        expected = linked[:k]
+        got = [int(j) for j in index[item] if j > 0]
+        assert got == expected, item
+        np.testing.assert_allclose(
+            similarity[item, : len(got)], [row[j] for j in got], rtol=1e-9
+        )
+        if got:
+            np.testing.assert_allclose(
+                weight[item, : len(got)].numpy(),
+                similarity[item, : len(got)] / similarity[item].sum(),
+                rtol=1e-5,
+            )
 
 
 @pytest.mark.parametrize(

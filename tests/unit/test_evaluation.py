@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -27,7 +29,7 @@ from components.evaluate import (
     render_report,
 )
 from components.train import TrainParams, read_curated, train_model
-from shopml.artifact import ModelCard, save_model_card
+from shopml.artifact import ArtifactError, ModelCard, save_model_card
 from shopml.assets import AssetStore
 from shopml.evaluation import (
     SegmentRules,
@@ -301,6 +303,20 @@ def test_the_baselines_learn_from_what_the_model_learned_from(
     assert set(figures) == {"train+valid", "train"}
     # The two fits differ, so the test would notice the wrong one.
     assert figures["train+valid"]["itemknn"] != figures["train"]["itemknn"]
+
+
+def test_an_unknown_fit_on_in_the_manifest_is_named(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    curated, model_dir = trained
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["extra"]["train"]["fit_on"] = "everything"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(ArtifactError, match=r"train\.fit_on='everything'"):
+        evaluate_models(curated, copy)
 
 
 def test_a_champion_as_good_as_the_model_fails_the_gate(
