@@ -90,7 +90,7 @@ class TrainParams:
             evaluate stage then fits its baselines on the same data. On the
             MovieLens-100K pipeline data of three homes it took test NDCG@10 from
             0.0994 to 0.1029, 0.1116 to 0.1193 and 0.1213 to 0.1222 (HR@10 up by
-            0.012-0.018 in each), for 0.6-0.8x more training time.
+            0.012-0.018 in each), for about 0.8x more training time.
     """
 
     epochs: int = 200
